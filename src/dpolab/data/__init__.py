@@ -1,0 +1,1 @@
+"""Preference data: sources -> shapes -> cleaning -> templates -> tokens -> prepared folder."""

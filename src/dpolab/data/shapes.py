@@ -1,0 +1,150 @@
+"""Row shapes -> one `Pair`: explicit prompt/chosen/rejected, HH full transcripts, conversational message lists."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair. `prompt_text` is the prompt as written (raw template); `messages` its turns."""
+
+    messages: tuple[tuple[str, str], ...]  # ((role, content), ...) ending with a user turn
+    prompt_text: str
+    chosen: str
+    rejected: str
+
+
+class Drop(Exception):
+    """A row that cannot become a pair; `reason` is one of the accounted drop reasons."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Columns:
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+def detect_shape(row: dict[str, Any], cols: Columns) -> str:
+    """Shape from the first parsable row; fails at once when the needed columns are absent."""
+    found = sorted(row)
+    if cols.chosen not in row or cols.rejected not in row:
+        raise ValueError(
+            f"expected columns {cols.chosen!r} and {cols.rejected!r} (plus {cols.prompt!r} unless they are HH "
+            f"transcripts or message lists); found {found}. Map yours with --prompt-column/--chosen-column/"
+            f"--rejected-column."
+        )
+    if isinstance(row[cols.chosen], list) or isinstance(row.get(cols.prompt), list):
+        return "conversational"
+    if cols.prompt in row:
+        return "explicit"
+    if isinstance(row[cols.chosen], str) and ASSISTANT in row[cols.chosen]:
+        return "hh"
+    raise ValueError(
+        f"found {found}: without a {cols.prompt!r} column, {cols.chosen!r}/{cols.rejected!r} must be HH transcripts "
+        f"('\\n\\nHuman: … \\n\\nAssistant: …') or message lists"
+    )
+
+
+def _text(row: dict[str, Any], column: str) -> str:
+    if column not in row or row[column] is None:
+        raise Drop("missing_field", column)
+    value = row[column]
+    if not isinstance(value, str):
+        raise Drop("non_text_field", f"{column} is {type(value).__name__}")
+    if not value.strip():
+        raise Drop("empty_field", column)
+    return value
+
+
+def transcript_messages(text: str) -> tuple[tuple[str, str], ...]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c' -> (('user','a'),('assistant','b'),('user','c'))."""
+    parts = _TURN.split(text)
+    head, turns = parts[0], parts[1:]
+    messages = [("user", head.strip())] if head.strip() else []
+    for speaker, content in zip(turns[::2], turns[1::2]):
+        messages.append(("user" if speaker == "Human" else "assistant", content.strip()))
+    return tuple((role, content) for role, content in messages if content or role == "assistant")
+
+
+def _split_transcript(text: str, column: str) -> tuple[str, str]:
+    cut = text.rfind(ASSISTANT)
+    if cut < 0:
+        raise Drop("malformed_transcript", f"{column} has no '\\n\\nAssistant:' turn")
+    return text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT) :]
+
+
+def _prompt_messages(prompt_text: str) -> tuple[tuple[str, str], ...]:
+    if ASSISTANT in prompt_text or HUMAN in prompt_text:
+        messages = transcript_messages(prompt_text)
+        if messages and messages[-1] == ("assistant", ""):
+            messages = messages[:-1]  # the trailing '\n\nAssistant:' opener
+        return messages
+    return (("user", prompt_text.strip()),)
+
+
+def _check(pair: Pair) -> Pair:
+    if not pair.chosen.strip() or not pair.rejected.strip():
+        raise Drop("empty_field", "chosen" if not pair.chosen.strip() else "rejected")
+    if pair.chosen.strip() == pair.rejected.strip():
+        raise Drop("identical", "chosen == rejected")
+    if not pair.messages or pair.messages[-1][0] != "user":
+        raise Drop("malformed_prompt", "the prompt must end with a user turn")
+    return pair
+
+
+def _messages(value: Any, column: str) -> list[tuple[str, str]]:
+    if value is None:
+        raise Drop("missing_field", column)
+    if not isinstance(value, list) or not value:
+        raise Drop("non_text_field" if not isinstance(value, list) else "empty_field", column)
+    out = []
+    for message in value:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+            raise Drop("malformed_messages", f"{column}: each message needs 'role' and text 'content'")
+        out.append((str(message["role"]), message["content"]))
+    return out
+
+
+def _render_transcript(messages) -> str:
+    return "".join(f"{HUMAN if role == 'user' else ASSISTANT} {content}" for role, content in messages if role != "system") + ASSISTANT
+
+
+def parse_row(row: dict[str, Any], shape: str, cols: Columns) -> Pair:
+    if shape == "explicit":
+        prompt = _text(row, cols.prompt)
+        chosen, rejected = _text(row, cols.chosen), _text(row, cols.rejected)
+        return _check(Pair(_prompt_messages(prompt), prompt, chosen, rejected))
+    if shape == "hh":
+        chosen_full, rejected_full = _text(row, cols.chosen), _text(row, cols.rejected)
+        prompt_c, chosen = _split_transcript(chosen_full, cols.chosen)
+        prompt_r, rejected = _split_transcript(rejected_full, cols.rejected)
+        if prompt_c != prompt_r:
+            raise Drop("prefix_mismatch", "chosen and rejected transcripts differ before the last Assistant turn")
+        return _check(Pair(_prompt_messages(prompt_c), prompt_c, chosen, rejected))
+    if shape == "conversational":
+        chosen_msgs = _messages(row.get(cols.chosen), cols.chosen)
+        rejected_msgs = _messages(row.get(cols.rejected), cols.rejected)
+        if cols.prompt in row and row[cols.prompt] is not None:
+            prompt = row[cols.prompt]
+            prompt_msgs = _messages(prompt, cols.prompt) if isinstance(prompt, list) else [("user", _text(row, cols.prompt))]
+            chosen_tail, rejected_tail = chosen_msgs, rejected_msgs
+        else:
+            if chosen_msgs[:-1] != rejected_msgs[:-1]:
+                raise Drop("prefix_mismatch", "chosen and rejected conversations differ before the last message")
+            prompt_msgs, chosen_tail, rejected_tail = chosen_msgs[:-1], chosen_msgs[-1:], rejected_msgs[-1:]
+        if len(chosen_tail) != 1 or len(rejected_tail) != 1 or chosen_tail[0][0] != "assistant" or rejected_tail[0][0] != "assistant":
+            raise Drop("malformed_messages", "chosen/rejected must end with exactly one assistant message")
+        messages = tuple(prompt_msgs)
+        return _check(Pair(messages, _render_transcript(messages), chosen_tail[0][1], rejected_tail[0][1]))
+    raise ValueError(f"unknown shape {shape!r}")
