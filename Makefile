@@ -22,7 +22,7 @@ model: setup
 	$(VENV)/bin/dpolab model fetch
 
 demo: model
-	$(VENV)/bin/dpolab data prepare --dataset demo --out runs/demo-data --overwrite
+	$(VENV)/bin/dpolab train --config configs/demo.yaml --overwrite
 
 test: setup
 	$(PY) -m pytest -q

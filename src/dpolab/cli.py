@@ -32,7 +32,9 @@ def _known_errors():
     from dpolab.data.sources import SourceError
     from dpolab.models import ModelNotFound
 
-    return (ConfigError, DataError, SourceError, ModelNotFound)
+    from dpolab.engine.train import TrainingError
+
+    return (ConfigError, DataError, SourceError, ModelNotFound, TrainingError)
 
 
 # Options shared by `data prepare`, `data inspect` (and `train` for raw sources).
@@ -103,6 +105,55 @@ def data_inspect(
         print(json.dumps(report, indent=2))
     else:
         Console().print(report_table(report, f"data: {source}"))
+
+
+@app.command("train")
+def train(
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Policy model (default: {EMBEDDED_MODEL})."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Prepared folder, or a raw source (prepared on the fly)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default: runs/dpo)."),
+    ref_model: Optional[str] = typer.Option(None, help="Separate reference model (default: frozen copy of --model)."),
+    loss_type: Optional[str] = typer.Option(None, help="sigmoid | ipo | hinge | robust (default: sigmoid)."),
+    beta: Optional[float] = typer.Option(None, help="DPO beta (default: 0.1)."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="AdamW learning rate (default: 1e-3)."),
+    batch_size: Optional[int] = typer.Option(None, help="Pairs per device per step (default: 8)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps (default: 1)."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs (default: 5)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides epochs)."),
+    layout: Optional[str] = typer.Option(None, help="packed (prefix-shared, padding-free) | padded (default: packed)."),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (default: auto = native for the hardware)."),
+    template: Optional[str] = typer.Option(None, help="Template when preparing a raw source (default: qa)."),
+    max_length: Optional[int] = typer.Option(None, help="Max tokens of prompt+response when preparing (default: 512)."),
+    seed: Optional[int] = typer.Option(None, help="Training seed (default: 42)."),
+    lora_r: Optional[int] = typer.Option(None, help="Train a LoRA adapter of this rank instead of all weights."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in the output folder."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config and plan; load no weights."),
+) -> None:
+    """Train a policy with DPO; writes a run folder with model/ in Hugging Face format."""
+    from dpolab.config import TrainConfig, load_config
+    from dpolab.engine.train import dry_run as plan_run
+    from dpolab.engine.train import run_training
+
+    try:
+        cfg = load_config(TrainConfig, config, {
+            "model": model, "data.dataset": dataset, "output_dir": str(output_dir) if output_dir else None,
+            "ref_model": ref_model, "loss_type": loss_type, "beta": beta, "learning_rate": learning_rate,
+            "batch_size": batch_size, "grad_accum": grad_accum, "epochs": epochs, "max_steps": max_steps,
+            "layout": layout, "precision": precision, "data.template": template, "data.max_length": max_length,
+            "seed": seed, "lora.r": lora_r})
+        if dry_run:
+            import yaml
+
+            Console().print(yaml.safe_dump(plan_run(cfg), sort_keys=False))
+            return
+        result = run_training(cfg, resume=resume, overwrite=overwrite)
+    except _known_errors() as exc:
+        _fail(exc)
+    from dpolab.engine.summary import run_table
+
+    Console().print(run_table(result))
 
 
 @model_app.command("fetch")

@@ -22,7 +22,7 @@ from dpolab.config import DataConfig
 from dpolab.data import sources
 from dpolab.data.shapes import Columns, Drop, Pair, detect_shape, parse_row
 from dpolab.data.templates import render
-from dpolab.data.tokenize import batch_encode, truncate, with_eos
+from dpolab.data.tokenize import batch_encode, tokenizer_fingerprint, truncate, with_eos
 
 PREPARED_FILES = ("train.parquet", "test.parquet", "prepared.json", "data_report.json", "dropped.jsonl")
 FORMAT_VERSION = 1
@@ -182,7 +182,8 @@ def build(config: DataConfig, tokenizer=None) -> tuple[list[dict], list[dict], d
         "rows_in": ledger.rows_in, "rows_kept": len(records), "rows_dropped": len(ledger.dropped),
         "dropped": ledger.counts(), "truncated": dict(truncated),
         "train": len(train), "test": len(test), "test_size": config.test_size, "seed": config.seed,
-        "template": config.template, "tokenizer": config.tokenizer, "max_length": config.max_length,
+        "template": config.template, "tokenizer": config.tokenizer,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": config.max_length,
         "max_prompt_length": config.prompt_cap,
         "tokens": {k: _percentiles([len(r[f"{k}_ids"]) for r in records]) for k in ("prompt", "chosen", "rejected")},
         "seconds": round(time.perf_counter() - started, 2),

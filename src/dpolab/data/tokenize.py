@@ -45,3 +45,14 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
     if len(rejected) > room:
         out.rejected_ids, out.truncated_rejected = rejected[: max(room, 0)], True
     return out
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Vocabulary + special tokens + chat template: data prepared with one tokenizer is refused by another."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(str(tokenizer.all_special_tokens).encode())
+    digest.update((getattr(tokenizer, "chat_template", None) or "").encode())
+    return digest.hexdigest()[:16]

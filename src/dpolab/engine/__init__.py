@@ -1,0 +1,1 @@
+"""DPO engine: batch layouts, log-probs, losses, reference cache, the Trainer subclass and `run_training`."""

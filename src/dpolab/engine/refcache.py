@@ -1,0 +1,74 @@
+"""Reference log-prob cache: the frozen reference never changes, so its log-probs are computed once and reused
+across epochs, runs and sweep trials.
+
+Key: (reference weights content hash, dtype) names the cache file beside the prepared data; inside it each pair is
+keyed by `id`, a hash of its token ids (layout-independent). Changing the weights or the dtype selects another
+file; changing the data or its tokenization changes the ids, so stale entries are never read, only missing ones
+computed. Files are replaced atomically (write + rename): a reader never sees a half-written cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def cache_path(data_dir: Path, weights_key: str, dtype: torch.dtype) -> Path:
+    key = hashlib.sha256(f"{weights_key}|{dtype}".encode()).hexdigest()[:20]
+    return Path(data_dir) / "refcache" / f"{key}.json"
+
+
+def read_cache(path: Path) -> dict[str, tuple[float, float]]:
+    if not path.is_file():
+        return {}
+    return {k: tuple(v) for k, v in json.loads(path.read_text())["logps"].items()}
+
+
+def write_cache(path: Path, logps: dict[str, tuple[float, float]], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".refcache-", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"meta": meta, "logps": logps}, handle)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def compute_logps(model, pairs: Sequence[dict[str, Any]], collate, batch_size: int, device, progress: bool = True
+                  ) -> dict[str, tuple[float, float]]:
+    """Reference (chosen, rejected) log-probs per pair id, with the model in eval mode."""
+    from tqdm.auto import tqdm
+
+    from dpolab.engine.logprobs import batch_logps
+
+    was_training = model.training
+    model.eval()
+    out: dict[str, tuple[float, float]] = {}
+    batches = range(0, len(pairs), batch_size)
+    for start in tqdm(batches, desc="reference log-probs", unit="batch", disable=not progress, leave=False):
+        chunk = pairs[start : start + batch_size]
+        batch = collate(chunk, with_ref=False)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        logps = batch_logps(model, batch).float().cpu()
+        n = len(chunk)
+        for i, pair in enumerate(chunk):
+            out[pair["id"]] = (float(logps[i]), float(logps[n + i]))
+    model.train(was_training)
+    return out
+
+
+def ensure_reference(pairs: Sequence[dict[str, Any]], path: Path, load_reference, collate, batch_size: int, device,
+                     meta: dict[str, Any]) -> tuple[dict[str, tuple[float, float]], int]:
+    """All pairs' reference log-probs, computing only missing ones. Returns (log-probs, pairs computed now)."""
+    cached = read_cache(path)
+    missing = [p for p in pairs if p["id"] not in cached]
+    if missing:
+        cached.update(compute_logps(load_reference(), missing, collate, batch_size, device))
+        write_cache(path, cached, meta)
+    return cached, len(missing)

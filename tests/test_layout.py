@@ -1,0 +1,74 @@
+"""Packed prefix-shared and padded layouts against an independent per-sequence computation (plain model logits)."""
+
+import pytest
+import torch
+
+from dpolab.engine.layout import pack_rows, packed_batch, padded_batch
+from dpolab.engine.logprobs import batch_logps
+
+
+def _pairs(n=6, seed=1, vocab=900):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda k: torch.randint(10, vocab, (k,), generator=g).tolist()  # noqa: E731
+    out = []
+    for _ in range(n):
+        p, c, r = (int(x) for x in torch.randint(2, 40, (3,), generator=g))
+        out.append({"prompt_ids": mk(p), "chosen_ids": mk(c), "rejected_ids": mk(r)})
+    return out
+
+
+def _independent(model, prompt, response):
+    ids = torch.tensor([prompt + response])
+    logp = model(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+    return logp.gather(-1, torch.tensor(response)[:, None]).sum().item()
+
+
+def _expected(model, pairs):
+    return torch.tensor([_independent(model, p["prompt_ids"], p["chosen_ids"]) for p in pairs]
+                        + [_independent(model, p["prompt_ids"], p["rejected_ids"]) for p in pairs])
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("budget", [64, 200, 10_000])
+def test_layouts_equal_separate_sequences(request, arch, budget):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(arch), attn_implementation="sdpa").eval()
+    pairs = _pairs()
+    with torch.no_grad():
+        expected = _expected(model, pairs)
+        torch.testing.assert_close(batch_logps(model, padded_batch(pairs, 0)), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(batch_logps(model, packed_batch(pairs, 0, budget)), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(batch_logps(model, padded_batch(pairs, 0), chunk=7), expected, atol=1e-4, rtol=0)
+
+
+def test_eager_attention_is_refused_for_packed(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager")
+    with pytest.raises(ValueError, match="sdpa"):
+        batch_logps(model, packed_batch(_pairs(2), 0, 100))
+
+
+def test_packed_mask_structure():
+    pair = {"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [5]}
+    batch = packed_batch([pair, pair], pad_id=0, token_budget=100)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 1, 2, 3, 4, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1, 2, 3, 2]]
+    mask = batch["attention_mask"][0, 0]
+    assert mask[4].tolist() == [True, True, False, False, True] + [False] * 5  # rejected sees prompt + itself only
+    assert mask[3].tolist() == [True, True, True, True, False] + [False] * 5  # chosen sees prompt + chosen
+    assert not mask[5:, :5].any() and not mask[:5, 5:].any()  # pairs never see each other
+    # targets: chosen 3,4 predicted from states 1,2; rejected 5 predicted from the prompt's last state 1
+    assert batch["pred_index"].tolist() == [1, 2, 6, 7, 1, 6]
+    assert batch["target_ids"].tolist() == [3, 4, 3, 4, 5, 5]
+    assert batch["seq_index"].tolist() == [0, 0, 1, 1, 2, 3]
+    assert batch["real_tokens"] == 10
+
+
+def test_pack_rows_respects_budget_and_keeps_everything():
+    lengths = [50, 40, 30, 20, 10, 90, 5]
+    rows = pack_rows(lengths, 100)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 100 for row in rows)
+    assert len(rows) == 3

@@ -1,0 +1,177 @@
+"""run_training end to end on a tiny model: artifacts, resume after SIGKILL, incomplete checkpoints, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.config import ConfigError, DataConfig, TrainConfig
+from dpolab.data.prepare import prepare_data
+from dpolab.engine.train import dry_run, run_training
+from dpolab.engine.trainer import COMPLETE_MARKER, is_complete, last_complete_checkpoint
+from tests.conftest import write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, tokenizer, tiny_llama):
+    rows = [{"prompt": f"Question number {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
+             "rejected": f"Maybe {i * 3 + 1}, who cares."} for i in range(30)]
+    src = write_jsonl(tmp_path_factory.mktemp("src") / "pairs.jsonl", rows)
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.2), out, overwrite=True,
+                 tokenizer=tokenizer)
+    return out
+
+
+def _cfg(tiny_llama, small_data, out, **kw):
+    base = dict(output_dir=out, model=str(tiny_llama), data=DataConfig(dataset=str(small_data)), epochs=2,
+                batch_size=4, learning_rate=1e-3, report_to=[], logging_steps=1, seed=3, eval_every="no",
+                save_every="steps", save_steps=3, save_total_limit=10)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_llama, small_data):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    run_training(_cfg(tiny_llama, small_data, out))
+    return out
+
+
+def test_run_folder_artifacts_load_without_dpolab(tiny_llama, small_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_training(_cfg(tiny_llama, small_data, out, eval_every="epoch", save_every="epoch",
+                               report_to=["tensorboard"]))
+    for name in ("config.yaml", "data_report.json", "metrics.json", "trainer_state.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    model_files = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "model.safetensors", "training_args.bin", "training_args.json"}
+    assert model_files <= {p.name for p in (out / "model").iterdir()}
+    args = json.loads((out / "model" / "training_args.json").read_text())
+    assert args["learning_rate"] == 1e-3 and args["per_device_train_batch_size"] == 4 and args["seed"] == 3
+    assert args["num_train_epochs"] == 2 and args["metric_for_best_model"] == "eval_loss"
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert metrics["best"]["loss"] == min(h["eval_loss"] for h in history if "eval_loss" in h)
+    assert result.metrics["best"] == metrics["best"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert key in metrics["best"]
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        assert "dpolab" not in sys.modules
+        tok = AutoTokenizer.from_pretrained({str(out / 'model')!r})
+        model = AutoModelForCausalLM.from_pretrained({str(out / 'model')!r})
+        ids = tok("Q: what is 2 plus 2?\\nA:", return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+        assert out.shape[1] == ids.input_ids.shape[1] + 5
+        assert "dpolab" not in sys.modules
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/")
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+def test_finished_run_is_refused_without_overwrite(uninterrupted, tiny_llama, small_data):
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        run_training(_cfg(tiny_llama, small_data, uninterrupted))
+
+
+SLOW_RUN = """
+import sys, time
+from transformers import TrainerCallback
+from dpolab.config import TrainConfig
+from dpolab.engine.train import run_training
+
+class Slow(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        time.sleep(0.4)
+
+cfg = TrainConfig.model_validate_json(sys.argv[1])
+run_training(cfg, resume=len(sys.argv) > 2, callbacks=[Slow()])
+"""
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def test_sigkill_then_resume_reaches_same_weights(uninterrupted, tiny_llama, small_data, tmp_path):
+    out = tmp_path / "killed"
+    cfg = _cfg(tiny_llama, small_data, out)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, cfg.model_dump_json()], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "checkpoint-6" / COMPLETE_MARKER).is_file():
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoints" / "checkpoint-6" / COMPLETE_MARKER).is_file()
+    assert not (out / "metrics.json").exists()
+    with pytest.raises(ConfigError, match="--resume"):
+        run_training(cfg)
+    run_training(cfg, resume=True)
+    expected, got = _weights(uninterrupted), _weights(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_incomplete_newest_checkpoint_is_never_resumed(uninterrupted, tiny_llama, small_data, tmp_path):
+    import shutil
+
+    out = tmp_path / "partial"
+    shutil.copytree(uninterrupted, out)
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "model")
+    checkpoints = out / "checkpoints"
+    newest = max(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    # A kill during a save: the newest checkpoint's weights are cut short (its marker is from an earlier write).
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    second = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-2]
+    (second / COMPLETE_MARKER).unlink()  # and one that never got its marker at all
+    assert not is_complete(newest) and not is_complete(second)
+    chosen, incomplete = last_complete_checkpoint(checkpoints)
+    assert chosen is not None and int(chosen.name.split("-")[1]) < int(second.name.split("-")[1])
+    assert set(incomplete) == {newest, second}
+    run_training(_cfg(tiny_llama, small_data, out), resume=True)
+    assert (out / "checkpoints-incomplete" / newest.name).is_dir()
+    for name, tensor in _weights(uninterrupted).items():
+        torch.testing.assert_close(_weights(out)[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_tokenizer_mismatch_and_context_errors(tiny_gpt2, small_data, tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other-tok"
+    import shutil
+
+    shutil.copytree(tiny_llama, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra-token>"])
+    tok.save_pretrained(other)
+    with pytest.raises(ConfigError, match="prepared with the tokenizer"):
+        run_training(_cfg(str(other), small_data, tmp_path / "r1"))
+    with pytest.raises(ConfigError, match="exceeds"):
+        run_training(_cfg(tiny_llama, small_data, tmp_path / "r2",
+                          data=DataConfig(dataset=str(small_data), max_length=4096)))
+
+
+@pytest.mark.parametrize("config", ["configs/demo.yaml", "configs/seed-gpt2-static-hh.yaml"])
+def test_shipped_configs_dry_run(config):
+    run = subprocess.run([sys.executable, "-m", "dpolab", "train", "-c", config, "--dry-run"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "plan:" in run.stdout and "total_steps" in run.stdout
