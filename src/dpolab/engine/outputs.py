@@ -9,6 +9,13 @@ from typing import Any
 
 import torch
 
+from dpolab.runinfo import RUN_META
+
+
+def trainer_template(run_dir: Path) -> str:
+    report = json.loads((run_dir / "data_report.json").read_text())
+    return report["template"]
+
 
 def _hardware() -> str:
     if torch.cuda.is_available():
@@ -28,6 +35,10 @@ def write_outputs(trainer, output, cfg, run_dir: Path, elapsed: float, ref_compu
     if trainer.args.should_save:
         trainer.save_model(str(run_dir / "model"))  # config, generation_config, safetensors, tokenizer, training_args.bin
         (run_dir / "model" / "training_args.json").write_text(trainer.args.to_json_string())
+        (run_dir / "model" / RUN_META).write_text(json.dumps({
+            "template": trainer_template(run_dir), "base_model": cfg.model, "reference_model": cfg.ref_model or cfg.model,
+            "dataset": cfg.data.dataset, "beta": cfg.beta, "loss_type": cfg.loss_type,
+            "max_length": cfg.data.max_length}, indent=2))
         state.save_to_json(str(run_dir / "trainer_state.json"))
     evals = [h for h in state.log_history if "eval_loss" in h]
     best = min(evals, key=lambda h: h["eval_loss"]) if evals else None

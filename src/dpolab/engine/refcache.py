@@ -9,6 +9,7 @@ computed. Files are replaced atomically (write + rename): a reader never sees a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ def compute_logps(model, pairs: Sequence[dict[str, Any]], collate, batch_size: i
     """Reference (chosen, rejected) log-probs per pair id, with the model in eval mode."""
     from tqdm.auto import tqdm
 
+    from dpolab.engine.layout import to_device
     from dpolab.engine.logprobs import batch_logps
 
     was_training = model.training
@@ -54,7 +56,7 @@ def compute_logps(model, pairs: Sequence[dict[str, Any]], collate, batch_size: i
     for start in tqdm(batches, desc="reference log-probs", unit="batch", disable=not progress, leave=False):
         chunk = pairs[start : start + batch_size]
         batch = collate(chunk, with_ref=False)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         logps = batch_logps(model, batch).float().cpu()
         n = len(chunk)
         for i, pair in enumerate(chunk):
@@ -63,12 +65,31 @@ def compute_logps(model, pairs: Sequence[dict[str, Any]], collate, batch_size: i
     return out
 
 
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock between local processes (fcntl): one computes, the others wait and then read."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_reference(pairs: Sequence[dict[str, Any]], path: Path, load_reference, collate, batch_size: int, device,
                      meta: dict[str, Any]) -> tuple[dict[str, tuple[float, float]], int]:
     """All pairs' reference log-probs, computing only missing ones. Returns (log-probs, pairs computed now)."""
     cached = read_cache(path)
     missing = [p for p in pairs if p["id"] not in cached]
-    if missing:
-        cached.update(compute_logps(load_reference(), missing, collate, batch_size, device))
-        write_cache(path, cached, meta)
+    if not missing:  # warm: no lock, no model
+        return cached, 0
+    with file_lock(path.with_suffix(".lock")):  # concurrent sweep workers / ranks: one computes, the rest reuse
+        cached = read_cache(path)
+        missing = [p for p in pairs if p["id"] not in cached]
+        if missing:
+            cached.update(compute_logps(load_reference(), missing, collate, batch_size, device))
+            write_cache(path, cached, meta)
     return cached, len(missing)

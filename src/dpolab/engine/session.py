@@ -38,7 +38,7 @@ def _features(records: list[dict], ref: dict[str, tuple[float, float]]) -> list[
 class TrainingSession:
     def __init__(self, cfg: TrainConfig, runtime: Runtime, tokenizer, prepared: Prepared, run_dir: Path):
         self.cfg, self.runtime, self.tokenizer, self.prepared, self.run_dir = cfg, runtime, tokenizer, prepared, run_dir
-        budget = cfg.token_budget or 2 * cfg.data.max_length
+        budget = cfg.token_budget or cfg.data.max_length
         self.collator = DPOCollator(cfg.layout, tokenizer.pad_token_id, budget)
 
     def _reference(self, records: list[dict], policy) -> tuple[dict, int]:

@@ -1,0 +1,141 @@
+"""The evaluation report: eval.json, PNG plots, report.md and a self-contained report.html (images inlined)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+METRIC_ROWS = [
+    ("accuracy", "Reward accuracy (tuned, implicit reward; ties ½)"),
+    ("reference_ranking_accuracy", "Reference log-prob ranking accuracy"),
+    ("policy_ranking_accuracy", "Tuned log-prob ranking accuracy"),
+    ("margin_mean", "Mean reward margin"),
+    ("margin_median", "Median reward margin"),
+    ("chosen_reward_mean", "Mean reward, chosen"),
+    ("rejected_reward_mean", "Mean reward, rejected"),
+    ("policy_logps_chosen_mean", "Tuned log p(chosen)"),
+    ("policy_logps_rejected_mean", "Tuned log p(rejected)"),
+    ("reference_logps_chosen_mean", "Reference log p(chosen)"),
+    ("reference_logps_rejected_mean", "Reference log p(rejected)"),
+]
+
+
+def fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _plots(result: dict[str, Any], out: Path, history: list[dict] | None) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    if history:
+        train = [h for h in history if "loss" in h and "step" in h]
+        evals = [h for h in history if "eval_loss" in h]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+        for ax, key, title in zip(axes, ("loss", "rewards/accuracies", "rewards/margins"),
+                                  ("DPO loss", "Reward accuracy", "Reward margin")):
+            ax.plot([h["step"] for h in train if key in h], [h[key] for h in train if key in h], label="train", color="#4c72b0")
+            ekey = "eval_" + key
+            ax.plot([h["step"] for h in evals if ekey in h], [h[ekey] for h in evals if ekey in h], "o-", label="eval (per epoch)", color="#dd8452")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=110)
+        plt.close(fig)
+        plots.append(("curves.png", "Training curves"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    axes[0].hist(result["margins"], bins=20, color="#55a868")
+    axes[0].axvline(0, color="black", lw=1)
+    axes[0].set_title("Reward margin per held-out pair (> 0: prefers chosen)")
+    lengths = result["lengths"]
+    axes[1].bar(["base", "tuned"], [lengths["base"]["mean"], lengths["tuned"]["mean"]], color=["#8c8c8c", "#4c72b0"])
+    axes[1].set_title("Mean response length (tokens)")
+    fig.tight_layout()
+    fig.savefig(out / "margins_lengths.png", dpi=110)
+    plt.close(fig)
+    plots.append(("margins_lengths.png", "Margins and response lengths"))
+    return plots
+
+
+def _markdown(result: dict[str, Any], plots) -> str:
+    m = result["metrics"]["policy"]
+    lines = [f"# Evaluation of `{result['model']}`", "",
+             f"Reference: `{result['reference']}` · template `{result['template']}` · β = {result['beta']} · "
+             f"{m['pairs']} held-out pairs", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {label} | {fmt(m[key])} |" for key, label in METRIC_ROWS]
+    lengths = result["lengths"]
+    lines += [f"| Response length, base (mean / median tokens) | {lengths['base']['mean']:.1f} / {lengths['base']['median']:.1f} |",
+              f"| Response length, tuned (mean / median tokens) | {lengths['tuned']['mean']:.1f} / {lengths['tuned']['median']:.1f} |"]
+    if "judge" in result:
+        j = result["judge"]
+        lines.append(f"| Judge win rate, tuned vs base ({j['model']}) | {j['win_rate']:.3f} (95% CI {j['ci_low']:.3f}–{j['ci_high']:.3f}, n={j['prompts']}) |")
+    lines.append("")
+    lines += [f"![{title}]({name})" for name, title in plots]
+    lines += ["", "## Generations (same seed and settings)", ""]
+    for g in result["generations"]:
+        lines += [f"### {g['question']}", "", f"**Base** ({g['base_tokens']} tokens): {g['base'].strip()}", "",
+                  f"**Tuned** ({g['tuned_tokens']} tokens): {g['tuned'].strip()}", ""]
+    return "\n".join(lines)
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}h1{font-size:1.6em;margin-bottom:.2em}.sub{color:#666;margin-bottom:1.5em}
+table{border-collapse:collapse;margin:1em 0}td,th{border-bottom:1px solid #e3e3e3;padding:.35em .9em;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.cards{display:flex;gap:1em;flex-wrap:wrap;margin:1em 0}
+.card{background:#f5f7fb;border-radius:8px;padding:.8em 1.2em;min-width:180px}.card b{display:block;font-size:1.6em}
+img{max-width:100%;margin:.5em 0}.gen{display:grid;grid-template-columns:1fr 1fr;gap:1em;margin-bottom:1.2em}
+.gen div{background:#fafafa;border:1px solid #e6e6e6;border-radius:6px;padding:.6em .9em;white-space:pre-wrap}
+.q{font-weight:600;margin-top:1.2em}.tag{color:#777;font-size:.85em}"""
+
+
+def _html(result: dict[str, Any], plots, out: Path) -> str:
+    m = result["metrics"]["policy"]
+    e = html.escape
+    cards = [("Reward accuracy (tuned)", m["accuracy"]), ("Reference ranking accuracy", m["reference_ranking_accuracy"]),
+             ("Mean reward margin", m["margin_mean"])]
+    if "judge" in result:
+        cards.append(("Judge win rate", result["judge"]["win_rate"]))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>dpolab evaluation</title><style>{CSS}</style></head><body>",
+             f"<h1>Evaluation of {e(str(result['model']))}</h1>",
+             f"<div class='sub'>reference {e(str(result['reference']))} · template <code>{e(result['template'])}</code> · "
+             f"β = {result['beta']} · {m['pairs']} held-out pairs</div><div class='cards'>"]
+    parts += [f"<div class='card'>{e(label)}<b>{value:.3f}</b></div>" for label, value in cards]
+    parts.append("</div><table><tr><th>metric</th><th>value</th></tr>")
+    parts += [f"<tr><td>{e(label)}</td><td class='num'>{fmt(m[key])}</td></tr>" for key, label in METRIC_ROWS]
+    for who in ("base", "tuned"):
+        stats = result["lengths"][who]
+        parts.append(f"<tr><td>Response length, {who} (mean / median tokens)</td><td class='num'>{stats['mean']:.1f} / {stats['median']:.1f}</td></tr>")
+    if "judge" in result:
+        j = result["judge"]
+        parts.append(f"<tr><td>Judge win rate, tuned vs base ({e(j['model'])})</td><td class='num'>{j['win_rate']:.3f} "
+                     f"(95% CI {j['ci_low']:.3f}–{j['ci_high']:.3f}, n={j['prompts']})</td></tr>")
+    parts.append("</table>")
+    for name, title in plots:
+        data = base64.b64encode((out / name).read_bytes()).decode()
+        parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{data}'>")
+    parts.append("<h2>Generations</h2><p class='tag'>Same prompt, seed and settings for both models.</p>")
+    for g in result["generations"]:
+        parts.append(f"<div class='q'>{e(g['question'])}</div><div class='gen'>"
+                     f"<div><span class='tag'>base · {g['base_tokens']} tokens</span><br>{e(g['base'].strip())}</div>"
+                     f"<div><span class='tag'>tuned · {g['tuned_tokens']} tokens</span><br>{e(g['tuned'].strip())}</div></div>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_report(result: dict[str, Any], out: Path, info) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    history = None
+    if info.run_dir is not None and (info.run_dir / "trainer_state.json").is_file():
+        history = json.loads((info.run_dir / "trainer_state.json").read_text())["log_history"]
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    plots = _plots(result, out, history)
+    (out / "report.md").write_text(_markdown(result, plots))
+    (out / "report.html").write_text(_html(result, plots, out))

@@ -1,0 +1,209 @@
+"""`run_eval(options) -> eval dict`: held-out preference metrics, base-vs-tuned generations, optional judge, report.
+
+Writes RUN/eval/ (or --out): eval.json (every number), report.md, report.html (self-contained), *.png.
+Deterministic: fixed seeds for the prompt sample and for each generation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpolab.data.prepare import DataError, Prepared, build, is_prepared, load_prepared
+from dpolab.evaluate import metrics as M
+from dpolab.generation import GenerationSettings, build_prompt, generate_text
+from dpolab.runinfo import RunInfo, load_run_info
+
+STUDY_PROMPTS = ("What is the purpose of life?", "How to live a healthy life?")
+
+
+class EvalError(ValueError):
+    """An input evaluation cannot use; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    target: str
+    reference: str | None = None
+    data: str | None = None
+    prompts: Path | None = None
+    n_prompts: int = 4
+    max_new_tokens: int = 64
+    seed: int = 0
+    judge: str | None = None
+    out: Path | None = None
+    beta: float | None = None
+    batch_size: int = 8
+
+
+def check_model_folder(path: str) -> None:
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a Hub id
+    missing = [n for n in ("config.json",) if not (folder / n).is_file()]
+    if not list(folder.glob("*.safetensors")):
+        missing.append("model.safetensors")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        missing.append("tokenizer.json")
+    if missing:
+        raise EvalError(f"{folder} is not a complete model folder: missing {', '.join(missing)}")
+
+
+def load_prompts(path: Path) -> list[str]:
+    """One prompt per line (.txt), or JSONL objects with a 'prompt' string."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"prompt file not found: {path}")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvalError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(value, dict) or not isinstance(value.get("prompt"), str) or not value["prompt"].strip():
+                raise EvalError(f"{path}:{number}: expected an object with a non-empty 'prompt' string")
+            prompts.append(value["prompt"])
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise EvalError(f"{path} holds no prompts")
+    return prompts
+
+
+def _data(info: RunInfo, opts: EvalOptions, tokenizer) -> tuple[list[dict], Prepared | None]:
+    source = opts.data
+    if source is None and info.run_dir is not None:
+        dataset = (info.config or {}).get("data", {}).get("dataset")
+        source = dataset if dataset and is_prepared(dataset) else str(info.run_dir / "data")
+    if source is None:
+        raise EvalError(f"{opts.target} is not a run folder: pass --data (a prepared folder or a raw source)")
+    if is_prepared(source):
+        prepared = load_prepared(source)
+        return prepared.split("test"), prepared
+    from dpolab.config import DataConfig
+
+    try:
+        _, test, _, _ = build(DataConfig(dataset=source, tokenizer=info.model, template=info.template), tokenizer)
+    except DataError as exc:
+        raise EvalError(str(exc)) from None
+    return test, None
+
+
+@torch.no_grad()
+def policy_logps(model, records: list[dict], collate, batch_size: int) -> tuple[list[float], list[float]]:
+    from dpolab.engine.layout import to_device
+    from dpolab.engine.logprobs import batch_logps
+
+    chosen, rejected = [], []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        logps = batch_logps(model, to_device(collate(chunk, with_ref=False), model.device)).double().cpu()
+        chosen += logps[: len(chunk)].tolist()
+        rejected += logps[len(chunk) :].tolist()
+    return chosen, rejected
+
+
+def _reference_logps(reference: str, records, prepared: Prepared | None, collate, batch_size, model_loader):
+    from dpolab.engine import refcache
+    from dpolab.models import weights_fingerprint
+
+    if prepared is None:
+        return policy_logps(model_loader(), records, collate, batch_size)
+    path = refcache.cache_path(prepared.path, weights_fingerprint(reference), torch.float32)
+    cached, _ = refcache.ensure_reference(records, path, model_loader, collate, batch_size, "cpu",
+                                          {"reference": reference})
+    return [cached[r["id"]][0] for r in records], [cached[r["id"]][1] for r in records]
+
+
+def _prompt_set(opts: EvalOptions, custom: list[str] | None, records: list[dict], template: str, tokenizer) -> list[dict[str, str]]:
+    if custom is not None:
+        return [{"question": q, "prompt": build_prompt(q, template, tokenizer)} for q in custom]
+    sample = random.Random(opts.seed).sample(records, min(opts.n_prompts, len(records)))
+    chosen = [{"question": json.loads(r["messages"])[-1][1], "prompt": r["prompt"]} for r in sample]
+    return chosen + [{"question": q, "prompt": build_prompt(q, template, tokenizer)} for q in STUDY_PROMPTS]
+
+
+def _judge(judge: str, generations: list[dict]) -> dict[str, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dpolab.models import resolve_model
+
+    path = resolve_model(judge)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+
+    @torch.no_grad()
+    def score(question: str, answer: str) -> float:
+        inputs = tokenizer(question, answer, return_tensors="pt", truncation=True, max_length=512)
+        return float(model(**inputs).logits[0, -1])
+
+    tuned = [score(g["question"], g["tuned"]) for g in generations]
+    base = [score(g["question"], g["base"]) for g in generations]
+    for g, t, b in zip(generations, tuned, base):
+        g["judge_tuned"], g["judge_base"] = t, b
+    return {"model": judge, **M.win_rate(tuned, base)}
+
+
+def run_eval(opts: EvalOptions) -> dict[str, Any]:
+    from dpolab.engine.trainer import DPOCollator
+    from dpolab.models import load_model, load_tokenizer
+
+    started = time.perf_counter()
+    custom_prompts = load_prompts(opts.prompts) if opts.prompts is not None else None  # fail before heavy work
+    info = load_run_info(opts.target)
+    check_model_folder(info.model)
+    reference = opts.reference or info.base_model
+    if reference is None:
+        raise EvalError(f"{opts.target} does not record its starting model: pass --reference MODEL")
+    beta = opts.beta or info.beta or 0.1
+    tokenizer = load_tokenizer(info.model)
+    records, prepared = _data(info, opts, tokenizer)
+    if not records:
+        raise EvalError("the evaluation data has no test split (0 held-out pairs): prepare it with --test-size > 0")
+    tuned = load_model(info.model).eval()
+    collate = DPOCollator("packed", tokenizer.pad_token_id, max(2 * max(len(r["prompt_ids"]) + len(r["chosen_ids"])
+                                                                        + len(r["rejected_ids"]) for r in records), 512))
+    base_model: list = []
+
+    def load_base():
+        if not base_model:
+            base_model.append(load_model(reference).eval())
+        return base_model[0]
+
+    pc, pr = policy_logps(tuned, records, collate, opts.batch_size)
+    rc, rr = _reference_logps(reference, records, prepared, collate, opts.batch_size, load_base)
+    preference = M.preference_metrics(pc, pr, rc, rr, beta)
+    margins = M.reward_margins(pc, pr, rc, rr, beta)
+    settings = GenerationSettings(max_new_tokens=opts.max_new_tokens, seed=opts.seed)
+    generations = []
+    for item in _prompt_set(opts, custom_prompts, records, info.template, tokenizer):
+        base_text = generate_text(load_base(), tokenizer, item["prompt"], info.template, settings)
+        tuned_text = generate_text(tuned, tokenizer, item["prompt"], info.template, settings)
+        generations.append({**item, "base": base_text, "tuned": tuned_text,
+                            "base_tokens": len(tokenizer(base_text, add_special_tokens=False).input_ids),
+                            "tuned_tokens": len(tokenizer(tuned_text, add_special_tokens=False).input_ids)})
+    result = {
+        "model": info.model, "reference": reference, "template": info.template, "beta": beta,
+        "data": str(prepared.path) if prepared else opts.data, "metrics": {"policy": preference},
+        "margins": margins,
+        "lengths": {"base": M.length_stats([g["base_tokens"] for g in generations]),
+                    "tuned": M.length_stats([g["tuned_tokens"] for g in generations])},
+        "generation": asdict(settings), "generations": generations,
+    }
+    if opts.judge:
+        result["judge"] = _judge(opts.judge, generations)
+    out = Path(opts.out) if opts.out else (info.run_dir / "eval" if info.run_dir else Path("eval"))
+    from dpolab.evaluate.report import write_report
+
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    write_report(result, out, info)
+    return result

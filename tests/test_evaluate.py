@@ -1,0 +1,138 @@
+"""`dpolab eval` on a tiny run: each metric against a direct computation, ties, report contents, determinism, errors."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from dpolab.config import DataConfig, TrainConfig
+from dpolab.data.prepare import prepare_data
+from dpolab.engine.train import run_training
+from dpolab.evaluate.metrics import preference_metrics, win_rate, wilson_interval
+from dpolab.evaluate.run import EvalError, EvalOptions, run_eval
+from tests.conftest import write_jsonl
+
+
+def test_preference_metrics_hand_computed_with_ties():
+    # rewards (β=0.5): chosen 0.5*(−1−(−2))=0.5, rejected 0.5*(−3−(−2))=−0.5 → margin 1; second pair a tie (0 vs 0).
+    m = preference_metrics([-1.0, -4.0], [-3.0, -5.0], [-2.0, -4.0], [-2.0, -5.0], beta=0.5)
+    assert m["accuracy"] == pytest.approx((1 + 0.5) / 2)
+    assert m["margin_mean"] == pytest.approx(0.5) and m["margin_median"] == pytest.approx(0.5)
+    assert m["reference_ranking_accuracy"] == pytest.approx((0.5 + 1) / 2)  # −2 vs −2 tie, −4 > −5
+    assert m["policy_ranking_accuracy"] == pytest.approx(1.0)
+    assert m["chosen_reward_mean"] == pytest.approx(0.25) and m["rejected_reward_mean"] == pytest.approx(-0.25)
+
+
+def test_win_rate_and_interval():
+    result = win_rate([1.0, 2.0, 0.0, 5.0], [0.0, 2.0, 1.0, 1.0])
+    assert result["win_rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    low, high = wilson_interval(2.5, 4)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((low, high))
+    assert low < 0.625 < high and 0 <= low and high <= 1
+    assert math.isnan(win_rate([], [])["win_rate"])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_llama, tokenizer):
+    work = tmp_path_factory.mktemp("eval")
+    # chosen longer than rejected: the random reference prefers the shorter rejected answers by log-prob
+    rows = [{"prompt": f"Question {i}: what is {i} plus one?", "chosen": f"It is {i + 1}, since {i} and one more make {i + 1}.",
+             "rejected": "No."} for i in range(24)]
+    src = write_jsonl(work / "pairs.jsonl", rows)
+    prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.25), work / "data", tokenizer=tokenizer)
+    cfg = TrainConfig(output_dir=work / "run", model=str(tiny_llama), data=DataConfig(dataset=str(work / "data")),
+                      epochs=2, batch_size=6, learning_rate=1e-3, report_to=[])
+    run_training(cfg)
+    return work
+
+
+def _independent_logps(model_dir, records):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    with torch.no_grad():
+        for side in ("chosen_ids", "rejected_ids"):
+            values = []
+            for r in records:
+                ids = torch.tensor([r["prompt_ids"] + r[side]])
+                logp = model(ids).logits[0, len(r["prompt_ids"]) - 1 : -1].log_softmax(-1)
+                values.append(logp.gather(-1, torch.tensor(r[side])[:, None]).sum().item())
+            out.append(values)
+    return out
+
+
+def test_eval_metrics_match_direct_computation_and_report(tiny_run, tiny_llama):
+    from dpolab.data.prepare import load_prepared
+
+    result = run_eval(EvalOptions(target=str(tiny_run / "run"), n_prompts=2, max_new_tokens=8))
+    records = load_prepared(tiny_run / "data").split("test")
+    pc, pr = _independent_logps(tiny_run / "run" / "model", records)
+    rc, rr = _independent_logps(tiny_llama, records)
+    expected = preference_metrics(pc, pr, rc, rr, beta=0.1)
+    got = result["metrics"]["policy"]
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], abs=1e-4), key
+    assert got["pairs"] == 6 and result["reference"] == str(tiny_llama)
+    assert got["accuracy"] > got["reference_ranking_accuracy"]  # the tiny run learned the preference
+    assert len(result["generations"]) == 4  # 2 sampled + the study's two prompts
+    assert {g["question"] for g in result["generations"]} >= {"What is the purpose of life?", "How to live a healthy life?"}
+    out = tiny_run / "run" / "eval"
+    saved = json.loads((out / "eval.json").read_text())
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for text in (md, page):
+        assert f"{saved['metrics']['policy']['accuracy']:.4f}" in text
+        assert f"{saved['metrics']['policy']['margin_mean']:.4f}" in text
+        assert "What is the purpose of life?" in text
+    assert page.count("data:image/png;base64,") == 2 and "<img" in page  # curves + margins, inlined
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_eval_is_deterministic(tiny_run, tmp_path):
+    a = run_eval(EvalOptions(target=str(tiny_run / "run"), n_prompts=2, max_new_tokens=8, out=tmp_path / "a"))
+    b = run_eval(EvalOptions(target=str(tiny_run / "run"), n_prompts=2, max_new_tokens=8, out=tmp_path / "b"))
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+
+
+def test_judge_win_rate(tiny_run, tiny_llama, tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    config = LlamaConfig.from_pretrained(tiny_llama)
+    config.num_labels = 1
+    judge = LlamaForSequenceClassification(config)
+    judge.config.pad_token_id = tokenizer.pad_token_id
+    judge.save_pretrained(tmp_path / "judge")
+    tokenizer.save_pretrained(tmp_path / "judge")
+    result = run_eval(EvalOptions(target=str(tiny_run / "run"), n_prompts=1, max_new_tokens=6, judge=str(tmp_path / "judge"),
+                                  out=tmp_path / "out"))
+    gens = result["generations"]
+    expected = win_rate([g["judge_tuned"] for g in gens], [g["judge_base"] for g in gens])
+    assert result["judge"]["win_rate"] == expected["win_rate"] and result["judge"]["prompts"] == 3
+    assert result["judge"]["ci_low"] <= result["judge"]["win_rate"] <= result["judge"]["ci_high"]
+    assert "Judge win rate" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_bad_inputs_name_the_problem(tiny_run, tiny_llama, tokenizer, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run / "run" / "model", broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(EvalError, match="missing model.safetensors"):
+        run_eval(EvalOptions(target=str(broken), reference=str(tiny_llama), data=str(tiny_run / "data")))
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a?", "chosen": "b.", "rejected": "c."}])
+    prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.0), tmp_path / "notest", tokenizer=tokenizer)
+    with pytest.raises(EvalError, match="no test split"):
+        run_eval(EvalOptions(target=str(tiny_run / "run"), data=str(tmp_path / "notest")))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(EvalError, match="holds no prompts"):
+        run_eval(EvalOptions(target=str(tiny_run / "run"), prompts=empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": 3}\n')
+    with pytest.raises(EvalError, match=r"bad\.jsonl:2: expected an object"):
+        run_eval(EvalOptions(target=str(tiny_run / "run"), prompts=bad))
+    with pytest.raises(EvalError, match="pass --data"):
+        run_eval(EvalOptions(target=str(tiny_run / "run" / "model"), reference=str(tiny_llama)))

@@ -1,0 +1,122 @@
+"""Reference log-prob cache: computed once, reused, recomputed when any key changes, never read stale."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpolab.config import DataConfig, TrainConfig
+from dpolab.data.prepare import prepare_data
+from dpolab.engine import refcache
+from dpolab.engine.layout import padded_batch
+from dpolab.engine.logprobs import batch_logps
+from dpolab.engine.train import run_training
+from tests.conftest import write_jsonl
+
+
+class CountingModel:
+    """Wraps a model to count reference forwards."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.model
+
+
+def _collate(pairs, with_ref=False):
+    return padded_batch(pairs, 0)
+
+
+def _pairs():
+    return [{"id": f"p{i}", "prompt_ids": [5, 6, 7 + i], "chosen_ids": [8, 9], "rejected_ids": [10 + i]} for i in range(5)]
+
+
+def test_cache_hits_misses_and_values(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
+    loader = CountingModel(model)
+    path = refcache.cache_path(tmp_path, "weights-a", torch.float32)
+    pairs = _pairs()
+    logps, computed = refcache.ensure_reference(pairs, path, loader, _collate, 2, "cpu", {})
+    assert computed == 5 and loader.calls == 1
+    with torch.no_grad():
+        direct = batch_logps(model, padded_batch(pairs, 0))
+    assert logps["p3"] == pytest.approx((direct[3].item(), direct[8].item()), abs=1e-6)
+    # Warm: nothing computed, the model is never even requested.
+    again, computed = refcache.ensure_reference(pairs, path, loader, _collate, 2, "cpu", {})
+    assert computed == 0 and loader.calls == 1 and again == logps
+    # New data (a new pair id): only the missing pair is computed.
+    extra = pairs + [{"id": "p9", "prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4]}]
+    _, computed = refcache.ensure_reference(extra, path, loader, _collate, 2, "cpu", {})
+    assert computed == 1
+    # Other weights or another dtype: another file, so stale values are never read.
+    assert refcache.cache_path(tmp_path, "weights-b", torch.float32) != path
+    assert refcache.cache_path(tmp_path, "weights-a", torch.bfloat16) != path
+
+
+def test_training_runs_no_reference_forward_when_warm(tiny_llama, tokenizer, tmp_path, monkeypatch):
+    rows = [{"prompt": f"Say {i}.", "chosen": f"{i}.", "rejected": f"Not {i + 1}."} for i in range(12)]
+    src = write_jsonl(tmp_path / "p.jsonl", rows)
+    data = tmp_path / "data"
+    prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.25), data, tokenizer=tokenizer)
+    cfg = dict(model=str(tiny_llama), data=DataConfig(dataset=str(data)), epochs=1, batch_size=4, report_to=[],
+               eval_every="no")
+    calls = []
+    original = refcache.compute_logps
+    monkeypatch.setattr(refcache, "compute_logps", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    first = run_training(TrainConfig(output_dir=tmp_path / "r1", **cfg))
+    assert first.ref_pairs_computed == 12 and calls == [12]
+    second = run_training(TrainConfig(output_dir=tmp_path / "r2", learning_rate=1e-4, **cfg))
+    assert second.ref_pairs_computed == 0 and calls == [12]
+    # Changing the tokenization (another max_length) changes pair ids: those pairs are computed afresh.
+    data2 = tmp_path / "data2"
+    prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.25, max_length=9), data2,
+                 tokenizer=tokenizer)
+    third = run_training(TrainConfig(output_dir=tmp_path / "r3", **{**cfg, "data": DataConfig(dataset=str(data2))}))
+    assert third.ref_pairs_computed > 0
+    cache_files = list((data / "refcache").glob("*.json"))
+    assert len(cache_files) == 1 and len(json.loads(cache_files[0].read_text())["logps"]) == 12
+
+
+def test_changed_reference_weights_recompute(tiny_llama, tokenizer, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"prompt": f"Say {i}.", "chosen": f"{i}.", "rejected": f"Not {i + 1}."} for i in range(8)]
+    src = write_jsonl(tmp_path / "p.jsonl", rows)
+    data = tmp_path / "data"
+    prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.25), data, tokenizer=tokenizer)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama, other)
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(other)
+    cfg = dict(data=DataConfig(dataset=str(data)), epochs=1, batch_size=4, report_to=[], eval_every="no")
+    a = run_training(TrainConfig(output_dir=tmp_path / "a", model=str(tiny_llama), **cfg))
+    b = run_training(TrainConfig(output_dir=tmp_path / "b", model=str(other), **cfg))
+    assert a.ref_pairs_computed == 8 and b.ref_pairs_computed == 8
+    assert len(list((data / "refcache").glob("*.json"))) == 2
+
+
+def test_packed_and_padded_training_losses_agree(tiny_llama, tokenizer, tmp_path):
+    rows = [{"prompt": f"Question {i}: what is {i} times two?", "chosen": f"It is {2 * i}.",
+             "rejected": f"Perhaps {i + 7}, I am not sure at all."} for i in range(16)]
+    src = write_jsonl(tmp_path / "p.jsonl", rows)
+    data = tmp_path / "data"
+    prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.0), data, tokenizer=tokenizer)
+    losses = {}
+    for layout in ("packed", "padded"):
+        out = tmp_path / layout
+        run_training(TrainConfig(output_dir=out, model=str(tiny_llama), data=DataConfig(dataset=str(data)), epochs=2,
+                                 batch_size=4, learning_rate=1e-3, layout=layout, report_to=[], eval_every="no",
+                                 logging_steps=1, token_budget=60))
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        losses[layout] = [h["loss"] for h in history if "loss" in h]
+    assert len(losses["packed"]) == 8
+    assert max(abs(a - b) for a, b in zip(losses["packed"], losses["padded"])) < 1e-4

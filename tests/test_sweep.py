@@ -1,0 +1,152 @@
+"""`dpolab sweep`: trial folders, best/, resume after SIGKILL, two workers on one study, one reference pass."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpolab.config import ConfigError, load_config
+from dpolab.sweep import SweepConfig, open_study, run_sweep
+from tests.conftest import write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    rows = [{"prompt": f"Question {i}: what is {i} plus one?", "chosen": f"It is {i + 1}.",
+             "rejected": f"No idea about {i}, go away."} for i in range(20)]
+    return write_jsonl(tmp_path_factory.mktemp("sweepdata") / "pairs.jsonl", rows)
+
+
+def _sweep(tmp_path, tiny_llama, pairs_file, **kw) -> dict:
+    tree = {"sweep_dir": str(tmp_path / "sweep"), "sampler": "random", "n_trials": 4, "seed": 1, "pruner": "none",
+            "search_space": {"learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+                             "beta": {"type": "categorical", "choices": [0.05, 0.1, 0.5]}},
+            "base": {"model": str(tiny_llama), "data": {"dataset": str(pairs_file), "test_size": 0.25},
+                     "epochs": 2, "batch_size": 5, "report_to": [], "save_total_limit": 1}}
+    tree.update(kw)
+    return tree
+
+
+def test_four_trial_sweep_selects_lowest_eval_loss(tmp_path, tiny_llama, pairs_file):
+    from transformers import AutoModelForCausalLM
+
+    cfg = SweepConfig.model_validate(_sweep(tmp_path, tiny_llama, pairs_file))
+    summary = run_sweep(cfg, log=lambda m: None)
+    sweep_dir = cfg.sweep_dir
+    trials = sorted((sweep_dir / "trials").iterdir())
+    assert [t.name for t in trials] == ["000", "001", "002", "003"]
+    losses = {}
+    for t in trials:
+        metrics = json.loads((t / "metrics.json").read_text())
+        assert (t / "config.yaml").is_file() and (t / "model" / "model.safetensors").is_file()
+        losses[int(t.name)] = metrics["best"]["loss"]
+    with open(sweep_dir / "trials.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
+    assert {int(r["trial"]): float(r["eval_loss"]) for r in rows} == pytest.approx(losses)
+    best_trial = min(losses, key=losses.get)
+    best = json.loads((sweep_dir / "best.json").read_text())
+    assert best["trial"] == best_trial == summary["best"]["trial"] and best["value"] == pytest.approx(losses[best_trial])
+    assert (sweep_dir / "best" / "model" / "model.safetensors").read_bytes() == \
+        (sweep_dir / "trials" / f"{best_trial:03d}" / "model" / "model.safetensors").read_bytes()
+    AutoModelForCausalLM.from_pretrained(sweep_dir / "best" / "model")
+    assert (sweep_dir / "sweep.png").stat().st_size > 1000
+    # The reference forward ran once for the whole sweep: the first trial computed every pair, the others none.
+    computed = [json.loads((t / "metrics.json").read_text())["reference_pairs_computed"] for t in trials]
+    assert computed[0] == 20 and computed[1:] == [0, 0, 0]
+
+
+def _launch(config_path: Path, slow: bool = False) -> subprocess.Popen:
+    code = ("import sys, time; from transformers import TrainerCallback\n"
+            "class Slow(TrainerCallback):\n"
+            "    def on_step_end(self, *a, **k): time.sleep(0.5)\n"
+            "import dpolab.engine.train as t\n"
+            "real = t.run_training\n"
+            "t.run_training = lambda cfg, **kw: real(cfg, **{**kw, 'callbacks': [*kw.get('callbacks', []), Slow()]})\n"
+            "from dpolab.cli import main\n"
+            f"sys.argv = ['dpolab', 'sweep', '-c', {str(config_path)!r}]\n"
+            "main()\n") if slow else None
+    cmd = [sys.executable, "-c", code] if slow else [sys.executable, "-m", "dpolab", "sweep", "-c", str(config_path)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _states(cfg: SweepConfig) -> list[tuple[int, str]]:
+    return [(t.number, t.state.name) for t in open_study(cfg).get_trials(deepcopy=False)]
+
+
+def test_sigkill_mid_trial_then_rerun_finishes_without_loss_or_repeat(tmp_path, tiny_llama, pairs_file):
+    tree = _sweep(tmp_path, tiny_llama, pairs_file, n_trials=3)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    cfg = SweepConfig.model_validate(tree)
+    proc = _launch(path, slow=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (cfg.sweep_dir / "trials" / "001" / "checkpoints").is_dir():
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _states(cfg)
+    assert (0, "COMPLETE") in before and (1, "RUNNING") in before
+    first_value = json.loads((cfg.sweep_dir / "trials" / "000" / "metrics.json").read_text())["best"]["loss"]
+    rerun = subprocess.run([sys.executable, "-m", "dpolab", "sweep", "-c", str(path)], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "stale trials [1]" in rerun.stderr + rerun.stdout
+    study = open_study(cfg)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    assert len(complete) == 3
+    assert study.trials[1].state.name == "FAIL"
+    retry = [t for t in complete if t.user_attrs.get("retry_of") == 1]
+    assert len(retry) == 1 and retry[0].params == study.trials[1].params  # retried once, same parameters
+    assert study.trials[0].value == pytest.approx(first_value)  # the finished trial was kept, not rerun
+    assert len({t.number for t in complete}) == 3 and len({tuple(sorted(t.params.items())) for t in complete}) == 3
+
+
+def test_two_workers_share_one_study_without_running_a_trial_twice(tmp_path, tiny_llama, pairs_file):
+    tree = _sweep(tmp_path, tiny_llama, pairs_file, n_trials=4)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    workers = [_launch(path), _launch(path)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    cfg = SweepConfig.model_validate(tree)
+    trials = open_study(cfg).get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(finished) >= 4 and all(t.state.name == "COMPLETE" for t in trials)
+    started = [line for out in outputs for line in out.splitlines() if line.startswith("trial ") and "starting" in line]
+    numbers = [int(line.split()[1].rstrip(":")) for line in started]
+    assert sorted(numbers) == sorted(t.number for t in trials) and len(numbers) == len(set(numbers))
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers took trials
+    computed = [json.loads((cfg.sweep_dir / "trials" / f"{t.number:03d}" / "metrics.json").read_text())
+                ["reference_pairs_computed"] for t in trials]
+    assert sum(computed) == 20  # one reference pass for the whole sweep, even with two workers
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"search_space": {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-3}}}, "empty range"),
+    ({"search_space": {"learning_rat": {"type": "float", "low": 1e-4, "high": 1e-3}}}, "unknown training option 'learning_rat'"),
+    ({"sampler": "grid", "n_trials": 2, "search_space": {"beta": {"type": "categorical", "choices": [0.1, 0.2, 0.3]}}},
+     "grid of 3 points is too large for n_trials=2"),
+    ({"search_space": {}}, "search_space is empty"),
+])
+def test_bad_search_space_fails_before_training(tmp_path, tiny_llama, pairs_file, change, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_sweep(tmp_path, tiny_llama, pairs_file, **change)))
+    with pytest.raises(ConfigError, match=message):
+        load_config(SweepConfig, path)
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("config", ["configs/sweep-demo.yaml", "configs/sweep-seed.yaml"])
+def test_shipped_sweep_configs_validate(config):
+    cfg = load_config(SweepConfig, REPO / config)
+    assert cfg.n_trials >= 3
