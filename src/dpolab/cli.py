@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -131,8 +132,13 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in the output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config and plan; load no weights."),
+    num_processes: int = typer.Option(1, "--num-processes", help="Launch this many processes with torchrun (DDP; gloo on CPU)."),
 ) -> None:
-    """Train a policy with DPO; writes a run folder with model/ in Hugging Face format."""
+    """Train a policy with DPO; writes a run folder with model/ in Hugging Face format.
+
+    Runs unchanged under `accelerate launch` or `torchrun`; --num-processes N launches torchrun for you."""
+    if num_processes > 1 and "LOCAL_RANK" not in os.environ and not dry_run:
+        raise typer.Exit(_relaunch_with_torchrun(num_processes))
     from dpolab.config import TrainConfig, load_config
     from dpolab.engine.train import dry_run as plan_run
     from dpolab.engine.train import run_training
@@ -231,6 +237,24 @@ from dpolab import cli_publish  # noqa: E402
 
 app.command("export")(cli_publish.export)
 app.command("push")(cli_publish.push)
+
+
+def _relaunch_with_torchrun(num_processes: int) -> int:
+    """Re-run this very command under torchrun with N processes (the flag itself removed)."""
+    import subprocess
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            argv.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
+               "-m", "dpolab", *argv]
+    console.print(f"launching: {' '.join(command)}", highlight=False)
+    return subprocess.run(command).returncode
 
 
 def main() -> None:

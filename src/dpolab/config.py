@@ -89,7 +89,7 @@ class TrainConfig(_Frozen):
     logging_steps: int = 1
     seed: int = 42
     layout: Layout = "packed"
-    token_budget: int | None = Field(None, gt=0, description="Tokens per packed row (default max_length).")
+    token_budget: int | None = Field(None, gt=0, description="Target tokens per packed row (default 2*max_length).")
     precision: Precision = "auto"
     lora: LoraConfig | None = None
     report_to: list[str] = ["tensorboard"]

@@ -19,6 +19,11 @@ from dpolab.models import load_model, weights_fingerprint
 from dpolab.runtime import Runtime
 
 
+# Pairs per reference forward, independent of the training batch, so the cache holds the same values for a run of
+# any batch size or process count (bitwise, given the same token budget).
+REFERENCE_BATCH = 8
+
+
 class PairDataset(Dataset):
     def __init__(self, records: list[dict[str, Any]]):
         self.records = records
@@ -36,16 +41,17 @@ def _features(records: list[dict], ref: dict[str, tuple[float, float]]) -> list[
 
 
 class TrainingSession:
-    def __init__(self, cfg: TrainConfig, runtime: Runtime, tokenizer, prepared: Prepared, run_dir: Path):
-        self.cfg, self.runtime, self.tokenizer, self.prepared, self.run_dir = cfg, runtime, tokenizer, prepared, run_dir
-        budget = cfg.token_budget or cfg.data.max_length
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, tokenizer, run_dir: Path):
+        self.cfg, self.runtime, self.tokenizer, self.run_dir = cfg, runtime, tokenizer, run_dir
+        budget = cfg.token_budget or 2 * cfg.data.max_length
         self.collator = DPOCollator(cfg.layout, tokenizer.pad_token_id, budget)
+        self.args = self._training_args()
 
-    def _reference(self, records: list[dict], policy) -> tuple[dict, int]:
+    def _reference(self, records: list[dict], policy, data_dir: Path) -> tuple[dict, int]:
         """Reference log-probs for `records`, from the cache or computed with the (still untrained) policy."""
         ref_name = self.cfg.ref_model or self.cfg.model
         key = weights_fingerprint(ref_name)
-        path = refcache.cache_path(self.prepared.path, key, self.runtime.dtype)
+        path = refcache.cache_path(data_dir, key, self.runtime.dtype)
 
         def load_reference():
             if self.cfg.ref_model is None:
@@ -56,7 +62,7 @@ class TrainingSession:
         meta = {"reference": ref_name, "weights": key, "dtype": str(self.runtime.dtype)}
         with torch.autocast(self.runtime.device, dtype=self.runtime.dtype, enabled=self.runtime.precision != "fp32"):
             return refcache.ensure_reference(records, path, load_reference, self.collator,
-                                             self.cfg.eval_batch_size or self.cfg.batch_size, self.runtime.device, meta)
+                                             self.cfg.eval_batch_size or REFERENCE_BATCH, self.runtime.device, meta)
 
     def _training_args(self):
         from transformers import TrainingArguments
@@ -86,36 +92,39 @@ class TrainingSession:
 
     def _callbacks(self, extra) -> list:
         callbacks = list(extra)
-        if "tensorboard" in self.cfg.report_to:
+        if "tensorboard" in self.cfg.report_to and self.args.should_save:  # one writer, on the main process
             from torch.utils.tensorboard import SummaryWriter
             from transformers.integrations import TensorBoardCallback
 
             callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(self.run_dir / "logs"))))
         return callbacks
 
-    def run(self, resume: bool = False, callbacks=()):
+    def run(self, prepared: Prepared, resume: bool = False, callbacks=()):
         from dpolab.engine.outputs import write_outputs
         from dpolab.engine.train import RunResult, TrainingError, _disable_dropout
 
         started = time.perf_counter()
-        train_records, test_records = self.prepared.split("train"), self.prepared.split("test")
+        train_records, test_records = prepared.split("train"), prepared.split("test")
         if not train_records:
-            raise TrainingError(f"{self.prepared.path} has no training pairs")
+            raise TrainingError(f"{prepared.path} has no training pairs")
         policy = load_model(self.cfg.model).to(self.runtime.device)
         _disable_dropout(policy)
-        ref, computed = self._reference(train_records + test_records, policy)
+        args = self.args
+        # The main process computes the cache (written atomically); the other ranks then read it warm.
+        with args.main_process_first(desc="reference log-probs", local=False):
+            ref, computed = self._reference(train_records + test_records, policy, prepared.path)
         if self.cfg.lora is not None:
             policy = self._with_lora(policy)
         checkpoint = None
         if resume:
-            checkpoint, incomplete = last_complete_checkpoint(self.run_dir / "checkpoints")
-            for folder in incomplete:  # moved aside, never resumed from and never rotated into
-                aside = self.run_dir / "checkpoints-incomplete" / folder.name
-                aside.parent.mkdir(exist_ok=True)
-                shutil.rmtree(aside, ignore_errors=True)
-                folder.rename(aside)
+            with args.main_process_first(desc="checkpoint scan", local=False):
+                checkpoint, incomplete = last_complete_checkpoint(self.run_dir / "checkpoints")
+                for folder in incomplete if args.should_save else ():  # moved aside, never resumed or rotated into
+                    aside = self.run_dir / "checkpoints-incomplete" / folder.name
+                    aside.parent.mkdir(exist_ok=True)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    folder.rename(aside)
         evaluate = self.cfg.eval_every != "no" and bool(test_records)
-        args = self._training_args()
         if not evaluate and self.cfg.eval_every != "no":
             args.eval_strategy, args.load_best_model_at_end = "no", False
         trainer = DPOTrainer(

@@ -42,8 +42,8 @@ def context_length(model_config) -> int | None:
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+    """Read-only checks (every rank runs them, so all fail alike before any distributed work)."""
+    if overwrite:
         return
     if (run_dir / "metrics.json").is_file() and not resume:
         raise ConfigError(f"{run_dir} already holds a finished run; pass --overwrite to replace it or choose another output_dir")
@@ -139,7 +139,11 @@ def _disable_dropout(model) -> None:
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callbacks=()) -> RunResult:
+    """Train and write the run folder. Under torchrun/accelerate every rank calls this; the main process alone
+    prepares data, fills the reference cache and writes files, the others wait for it (main_process_first)."""
     from transformers import AutoConfig
+
+    from dpolab.engine.session import TrainingSession
 
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume, overwrite)
@@ -147,11 +151,15 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     model_config = AutoConfig.from_pretrained(resolve_model(cfg.model))
     _check_context(cfg, model_config)
     tokenizer = load_tokenizer(cfg.model)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prepared = resolve_data(cfg, run_dir, tokenizer)
-    dump_config(cfg, run_dir / "config.yaml")
-    (run_dir / "data_report.json").write_text(json.dumps(prepared.report, indent=2))
-    from dpolab.engine.session import TrainingSession
-
-    session = TrainingSession(cfg, runtime, tokenizer, prepared, run_dir)
-    return session.run(resume=resume, callbacks=callbacks)
+    session = TrainingSession(cfg, runtime, tokenizer, run_dir)  # initializes the process group when distributed
+    main = session.args.should_save
+    with session.args.main_process_first(desc="run folder and data", local=False):
+        if main:
+            if overwrite and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        prepared = resolve_data(cfg, run_dir, tokenizer)
+        if main:
+            dump_config(cfg, run_dir / "config.yaml")
+            (run_dir / "data_report.json").write_text(json.dumps(prepared.report, indent=2))
+    return session.run(prepared, resume=resume, callbacks=callbacks)
