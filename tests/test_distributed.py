@@ -79,7 +79,7 @@ def test_two_processes_match_one(tmp_path, tiny_llama, tokenizer):
     prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.2), data_one, tokenizer=tokenizer)
     shutil.copytree(data_one, data_two)  # same pairs, each with its own (cold) reference cache
 
-    single = _run(tmp_path, _cfg(tiny_llama, data_one, tmp_path / "runs1" / "run", 8), 1)
+    _run(tmp_path, _cfg(tiny_llama, data_one, tmp_path / "runs1" / "run", 8), 1)
     double = _run(tmp_path, _cfg(tiny_llama, data_two, tmp_path / "runs2" / "run", 4), 2)
 
     one, two = tmp_path / "runs1" / "run", tmp_path / "runs2" / "run"

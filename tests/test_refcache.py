@@ -1,7 +1,6 @@
 """Reference log-prob cache: computed once, reused, recomputed when any key changes, never read stale."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

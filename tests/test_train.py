@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from dpolab.config import ConfigError, DataConfig, TrainConfig
 from dpolab.data.prepare import prepare_data
-from dpolab.engine.train import dry_run, run_training
+from dpolab.engine.train import run_training
 from dpolab.engine.trainer import COMPLETE_MARKER, is_complete, last_complete_checkpoint
 from tests.conftest import write_jsonl
 

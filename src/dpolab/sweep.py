@@ -12,7 +12,6 @@ across workers.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 from pathlib import Path
@@ -148,7 +147,6 @@ def recover_stale_trials(study) -> list[int]:
 
 
 def storage_for(sweep: SweepConfig, url: str | None):
-    import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if url:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from dpolab.config import ConfigError, TrainConfig, dump_config
 from dpolab.data.prepare import Prepared, is_prepared, load_prepared, prepare_data
 from dpolab.data.tokenize import tokenizer_fingerprint
-from dpolab.models import load_model, load_tokenizer, resolve_model, weights_fingerprint
+from dpolab.models import load_tokenizer, resolve_model
 from dpolab.runtime import resolve_runtime
 
 
