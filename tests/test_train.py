@@ -192,3 +192,15 @@ def test_lora_run_writes_merged_model_and_adapter(tiny_llama, small_data, tmp_pa
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert changed and all("proj" in n for n in changed)  # only LoRA-targeted linear layers moved
     assert result.metrics["best"]["loss"] < 0.69  # the adapter learned (eval loss below ln 2)
+
+
+def test_unknown_model_offline_names_the_alternatives(small_data, tmp_path, monkeypatch):
+    from dpolab.models import ModelNotFound
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound, match="smollm2-135m-instruct.*run folder"):
+        run_training(TrainConfig(output_dir=tmp_path / "r", model="no-such-org/no-such-model",
+                                 data=DataConfig(dataset=str(small_data))))
+    with pytest.raises(ModelNotFound, match="model folder not found"):
+        run_training(TrainConfig(output_dir=tmp_path / "r", model="./missing/folder", data=DataConfig(dataset=str(small_data))))
+    assert not (tmp_path / "r").exists()  # failed before any heavy work or any file written

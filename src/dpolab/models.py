@@ -99,6 +99,15 @@ def _hub_error(name: str, exc: Exception) -> ModelNotFound:
     )
 
 
+def load_model_config(name: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name))
+    except OSError as exc:
+        raise _hub_error(name, exc) from None
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 

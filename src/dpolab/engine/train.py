@@ -17,7 +17,7 @@ from typing import Any
 from dpolab.config import ConfigError, TrainConfig, dump_config
 from dpolab.data.prepare import Prepared, is_prepared, load_prepared, prepare_data
 from dpolab.data.tokenize import tokenizer_fingerprint
-from dpolab.models import load_tokenizer, resolve_model
+from dpolab.models import load_tokenizer
 from dpolab.runtime import resolve_runtime
 
 
@@ -83,9 +83,11 @@ def plan(cfg: TrainConfig, prepared_report: dict[str, Any], n_params: int | None
 def count_parameters(model_name: str) -> tuple[int, Any]:
     """Parameters from the config alone, on the meta device: no weights loaded."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(resolve_model(model_name))
+    from dpolab.models import load_model_config
+
+    config = load_model_config(model_name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters()), config
@@ -140,14 +142,13 @@ def _disable_dropout(model) -> None:
 def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callbacks=()) -> RunResult:
     """Train and write the run folder. Under torchrun/accelerate every rank calls this; the main process alone
     prepares data, fills the reference cache and writes files, the others wait for it (main_process_first)."""
-    from transformers import AutoConfig
-
     from dpolab.engine.session import TrainingSession
+    from dpolab.models import load_model_config
 
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume, overwrite)
     runtime = resolve_runtime(cfg.precision)
-    model_config = AutoConfig.from_pretrained(resolve_model(cfg.model))
+    model_config = load_model_config(cfg.model)
     _check_context(cfg, model_config)
     tokenizer = load_tokenizer(cfg.model)
     session = TrainingSession(cfg, runtime, tokenizer, run_dir)  # initializes the process group when distributed
