@@ -36,10 +36,15 @@ def _sweep(tmp_path, tiny_llama, pairs_file, **kw) -> dict:
     return tree
 
 
-def test_four_trial_sweep_selects_lowest_eval_loss(tmp_path, tiny_llama, pairs_file):
+@pytest.mark.parametrize("sampler", ["random", "grid"])
+def test_four_trial_sweep_selects_lowest_eval_loss(tmp_path, tiny_llama, pairs_file, sampler):
     from transformers import AutoModelForCausalLM
 
-    cfg = SweepConfig.model_validate(_sweep(tmp_path, tiny_llama, pairs_file))
+    tree = _sweep(tmp_path, tiny_llama, pairs_file, sampler=sampler)
+    if sampler == "grid":  # 2 x 2 points: the sampler's end-of-grid signal must not break the ask/tell loop
+        tree["search_space"] = {"learning_rate": {"type": "categorical", "choices": [1e-4, 2e-3]},
+                                "beta": {"type": "categorical", "choices": [0.1, 0.5]}}
+    cfg = SweepConfig.model_validate(tree)
     summary = run_sweep(cfg, log=lambda m: None)
     sweep_dir = cfg.sweep_dir
     trials = sorted((sweep_dir / "trials").iterdir())
@@ -150,3 +155,29 @@ def test_bad_search_space_fails_before_training(tmp_path, tiny_llama, pairs_file
 def test_shipped_sweep_configs_validate(config):
     cfg = load_config(SweepConfig, REPO / config)
     assert cfg.n_trials >= 3
+
+
+def test_pruning_callback_stops_early_but_never_after_the_last_epoch():
+    import optuna
+    from transformers import TrainerState
+
+    from dpolab.sweep import _Pruning
+
+    class Trial:
+        def __init__(self):
+            self.reported = []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return True
+
+    trial = Trial()
+    callback = _Pruning(trial, "eval_loss")
+    state = TrainerState(epoch=1.0, global_step=10, max_steps=30)
+    with pytest.raises(optuna.TrialPruned):
+        callback.on_evaluate(None, state, None, metrics={"eval_loss": 0.9})
+    state = TrainerState(epoch=3.0, global_step=30, max_steps=30)
+    callback.on_evaluate(None, state, None, metrics={"eval_loss": 0.8})  # the final evaluation completes the trial
+    assert trial.reported == [(1, 0.9), (3, 0.8)]

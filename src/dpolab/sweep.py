@@ -215,10 +215,21 @@ class _Pruning:
 
                 if metrics and objective in metrics:
                     trial.report(metrics[objective], step=int(round(state.epoch or state.global_step)))
-                    if trial.should_prune():
+                    finished = state.max_steps and state.global_step >= state.max_steps
+                    if not finished and trial.should_prune():  # the last evaluation completes the trial
                         raise optuna.TrialPruned(f"pruned at epoch {state.epoch}")
 
         return Callback()
+
+
+def _tell(study, trial, value=None, state=None) -> None:
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as exc:
+        # GridSampler announces an exhausted grid with study.stop(), which only works inside optimize(); the
+        # trial's result is stored before that (optuna stores it in a `finally`), and our loop counts trials itself.
+        if "Study.stop" not in str(exc):
+            raise
 
 
 def run_trial(sweep: SweepConfig, study, trial, data_dir: Path) -> None:
@@ -233,13 +244,13 @@ def run_trial(sweep: SweepConfig, study, trial, data_dir: Path) -> None:
     try:
         result = run_training(cfg, overwrite=True, callbacks=[_Pruning(trial, sweep.objective)])
     except optuna.TrialPruned:
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
         return
     except Exception:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _tell(study, trial, state=optuna.trial.TrialState.FAIL)
         raise
     key = sweep.objective.removeprefix("eval_")
-    study.tell(trial, result.metrics["best"][key])
+    _tell(study, trial, result.metrics["best"][key])
 
 
 def run_sweep(sweep: SweepConfig, storage_url: str | None = None, log=print) -> dict[str, Any]:
