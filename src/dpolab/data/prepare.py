@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from dpolab.config import DataConfig
+from dpolab.fsutil import atomic_folder
 from dpolab.data import sources
 from dpolab.data.shapes import Columns, Drop, Pair, detect_shape, parse_row
 from dpolab.data.templates import render
@@ -210,9 +209,7 @@ def prepare_data(config: DataConfig, out: Path, overwrite: bool = False, tokeniz
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     train, test, report, dropped = build(config, tokenizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out, out.name) as tmp:
         _write_parquet(train, tmp / "train.parquet")
         _write_parquet(test, tmp / "test.parquet")
         with open(tmp / "dropped.jsonl", "w") as handle:
@@ -221,11 +218,6 @@ def prepare_data(config: DataConfig, out: Path, overwrite: bool = False, tokeniz
         meta = {"format": FORMAT_VERSION, "config": config.model_dump(mode="json")}
         (tmp / "prepared.json").write_text(json.dumps(meta, indent=2))
         (tmp / "data_report.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
