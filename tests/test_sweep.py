@@ -181,3 +181,22 @@ def test_pruning_callback_stops_early_but_never_after_the_last_epoch():
     state = TrainerState(epoch=3.0, global_step=30, max_steps=30)
     callback.on_evaluate(None, state, None, metrics={"eval_loss": 0.8})  # the final evaluation completes the trial
     assert trial.reported == [(1, 0.9), (3, 0.8)]
+
+
+def test_each_trial_trains_on_two_processes_under_torchrun(tmp_path, tiny_llama, pairs_file):
+    tree = _sweep(tmp_path, tiny_llama, pairs_file, n_trials=2)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "dpolab", "sweep", "-c", str(path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    cfg = SweepConfig.model_validate(tree)
+    trials = open_study(cfg).get_trials(deepcopy=False)
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]  # rank 1 asked nothing
+    assert sorted(p.name for p in (cfg.sweep_dir / "trials").iterdir()) == ["000", "001"]
+    for t in trials:
+        state = json.loads((cfg.sweep_dir / "trials" / f"{t.number:03d}" / "trainer_state.json").read_text())
+        assert state["global_step"] == 4  # 15 train pairs, 5 per process x 2 processes -> 2 steps per epoch, 2 epochs
+    assert (cfg.sweep_dir / "best" / "model" / "model.safetensors").is_file()
+    assert (run.stdout + run.stderr).count("starting on 2 processes") == 2  # logged by rank 0 only

@@ -218,7 +218,8 @@ def sweep(
         _fail(exc)
     from dpolab.sweep_report import trials_table
 
-    Console().print(trials_table(summary, cfg))
+    if summary.get("rank", 0) == 0:  # under torchrun only the main process prints the table
+        Console().print(trials_table(summary, cfg))
 
 
 @model_app.command("fetch")

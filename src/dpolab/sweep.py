@@ -204,20 +204,31 @@ def prepare_shared_data(sweep: SweepConfig) -> Path:
 
 
 class _Pruning:
-    """Reports each evaluation's objective to Optuna and stops the trial when the pruner says so."""
+    """Reports each evaluation's objective to Optuna and stops the trial when the pruner says so.
 
-    def __new__(cls, trial, objective: str):
+    Distributed (one trial over several ranks): rank 0 holds the trial and decides; the decision is broadcast so
+    every rank stops at the same evaluation."""
+
+    def __new__(cls, trial, objective: str, distributed: bool = False):
         from transformers import TrainerCallback
 
         class Callback(TrainerCallback):
             def on_evaluate(self, args, state, control, metrics=None, **kwargs):
                 import optuna
 
-                if metrics and objective in metrics:
+                prune = False
+                if trial is not None and metrics and objective in metrics:
                     trial.report(metrics[objective], step=int(round(state.epoch or state.global_step)))
                     finished = state.max_steps and state.global_step >= state.max_steps
-                    if not finished and trial.should_prune():  # the last evaluation completes the trial
-                        raise optuna.TrialPruned(f"pruned at epoch {state.epoch}")
+                    prune = not finished and trial.should_prune()  # the last evaluation completes the trial
+                if distributed:
+                    import torch.distributed as dist
+
+                    decision = [prune]
+                    dist.broadcast_object_list(decision, src=0)
+                    prune = decision[0]
+                if prune:
+                    raise optuna.TrialPruned(f"pruned at epoch {state.epoch}")
 
         return Callback()
 
@@ -253,9 +264,68 @@ def run_trial(sweep: SweepConfig, study, trial, data_dir: Path) -> None:
     _tell(study, trial, result.metrics["best"][key])
 
 
-def run_sweep(sweep: SweepConfig, storage_url: str | None = None, log=print) -> dict[str, Any]:
-    """Run trials until `n_trials` have finished (complete or pruned) across every worker on this study."""
+def _wanted_more(sweep: SweepConfig, study) -> bool:
+    from optuna.trial import TrialState
+
+    busy = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    return len(busy) < sweep.n_trials
+
+
+def _run_sweep_distributed(sweep: SweepConfig, storage_url: str | None, log) -> dict[str, Any]:
+    """One sweep worker spanning several processes (accelerate launch / torchrun): every trial is one distributed
+    training run. Rank 0 alone talks to the study; it broadcasts each trial's parameters and the pruning decisions."""
+    import optuna
+    import torch
+    import torch.distributed as dist
     import yaml
+    from accelerate import PartialState
+
+    from dpolab.engine.train import run_training
+    from dpolab.sweep_report import write_report
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # the same singleton TrainingArguments uses later
+    main = state.is_main_process
+    with state.main_process_first():
+        sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
+        if main:
+            (sweep.sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+        data_dir = prepare_shared_data(sweep)
+    study = open_worker_study(sweep, storage_url) if main else None
+    if main:
+        recover_stale_trials(study)
+    while True:
+        message: list[Any] = [None]
+        trial = None
+        if main and _wanted_more(sweep, study):
+            trial = study.ask()
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("pid", os.getpid())
+            message = [(trial.number, {name: suggest(trial, name, p) for name, p in sweep.search_space.items()})]
+            log(f"trial {trial.number}: starting on {state.num_processes} processes")
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is None:
+            break
+        number, params = message[0]
+        cfg = trial_config(sweep, params, number, data_dir)
+        try:
+            result = run_training(cfg, overwrite=True, callbacks=[_Pruning(trial, sweep.objective, distributed=True)])
+        except optuna.TrialPruned:
+            if main:
+                _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        if main:
+            _tell(study, trial, result.metrics["best"][sweep.objective.removeprefix("eval_")])
+            log(f"trial {number}: COMPLETE {study.trials[number].value}")
+    return write_report(sweep, study) if main else {"rows": [], "best": None, "rank": state.process_index}
+
+
+def run_sweep(sweep: SweepConfig, storage_url: str | None = None, log=print) -> dict[str, Any]:
+    """Run trials until `n_trials` have finished (complete or pruned) across every worker on this study.
+    Under accelerate launch / torchrun, each trial is trained by all the processes together."""
+    import yaml
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run_sweep_distributed(sweep, storage_url, log)
     from optuna.trial import TrialState
 
     from dpolab.sweep_report import write_report
