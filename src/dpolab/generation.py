@@ -36,11 +36,9 @@ def build_prompt(user_text: str, template: str, tokenizer=None, history: Sequenc
 
 
 def context_limit(model) -> int:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return 2048
+    from dpolab.models import context_length
+
+    return context_length(model.config) or 2048
 
 
 def encode_prompt(tokenizer, prompt: str, template: str, max_context: int, max_new_tokens: int) -> tuple[torch.Tensor, bool]:

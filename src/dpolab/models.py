@@ -90,6 +90,14 @@ def _hub_error(name: str, exc: Exception) -> ModelNotFound:
     )
 
 
+def context_length(model_config) -> int | None:
+    """The longest sequence a model config allows, under the names the common architectures use."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(model_config, name, None), int):
+            return getattr(model_config, name)
+    return None
+
+
 def load_model_config(name: str):
     from transformers import AutoConfig
 

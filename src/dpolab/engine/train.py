@@ -17,7 +17,7 @@ from typing import Any
 from dpolab.config import ConfigError, TrainConfig, dump_config
 from dpolab.data.prepare import Prepared, is_prepared, load_prepared, prepare_data
 from dpolab.data.tokenize import tokenizer_fingerprint
-from dpolab.models import load_tokenizer
+from dpolab.models import context_length, load_tokenizer
 from dpolab.runtime import resolve_runtime
 
 
@@ -31,13 +31,6 @@ class RunResult:
     metrics: dict[str, Any]
     ref_pairs_computed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def context_length(model_config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if isinstance(getattr(model_config, name, None), int):
-            return getattr(model_config, name)
-    return None
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

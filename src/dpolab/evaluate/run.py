@@ -98,18 +98,12 @@ def _data(info: RunInfo, opts: EvalOptions, tokenizer) -> tuple[list[dict], Prep
     return test, None
 
 
-@torch.no_grad()
 def policy_logps(model, records: list[dict], collate, batch_size: int) -> tuple[list[float], list[float]]:
-    from dpolab.engine.layout import to_device
-    from dpolab.engine.logprobs import batch_logps
+    """(chosen, rejected) log-probs per record, by the same batched pass that fills the reference cache."""
+    from dpolab.engine.refcache import compute_logps
 
-    chosen, rejected = [], []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        logps = batch_logps(model, to_device(collate(chunk, with_ref=False), model.device)).double().cpu()
-        chosen += logps[: len(chunk)].tolist()
-        rejected += logps[len(chunk) :].tolist()
-    return chosen, rejected
+    logps = compute_logps(model, records, collate, batch_size, model.device, progress=False)
+    return [logps[r["id"]][0] for r in records], [logps[r["id"]][1] for r in records]
 
 
 def _reference_logps(reference: str, records, prepared: Prepared | None, collate, batch_size, model_loader):
