@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	# Installed only as root where apt exists; elsewhere that test skips (fails under CI) and setup goes on.
 	test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || true
+	# Debian's PostgreSQL, for the multi-machine sweep tests (tests/test_sweep_postgres.py runs a throwaway cluster of
+	# its own on a free port). Same rule: installed only as root where apt exists; elsewhere those tests skip (fail under CI).
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || true
 	touch $(STAMP)
 
 setup: $(STAMP)

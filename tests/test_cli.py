@@ -42,3 +42,77 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     run = _dpolab("data", "prepare", "--dataset", str(bad), "--out", str(tmp_path / "out"))
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "pairs.jsonl:1: expected columns 'chosen' and 'rejected'" in " ".join(run.stderr.split())
+
+
+def _one_line_error(run, *needles, code=1):
+    assert run.returncode == code, (run.returncode, run.stderr[-2000:])
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, run.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_fp16_on_a_cpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on a GPU")
+    run = _dpolab("train", "--precision", "fp16", "-o", str(tmp_path / "run"), "--max-steps", "1")
+    _one_line_error(run, "--precision fp16", "GPU")
+
+
+def test_output_paths_that_are_files_are_one_line(tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("mine")
+    _one_line_error(_dpolab("data", "prepare", "--out", str(file)), "--out", "is a file")
+    _one_line_error(_dpolab("train", "-o", str(file), "--max-steps", "1"), "--output-dir", "is a file")
+    assert file.read_text() == "mine"
+
+
+def test_save_every_steps_with_eval_every_epoch_is_refused_at_validation(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("save_every: steps\nsave_steps: 5\n")
+    _one_line_error(_dpolab("train", "-c", str(config), "--dry-run"), "save_every=steps with eval_every=epoch")
+
+
+def test_negative_max_steps_is_refused():
+    _one_line_error(_dpolab("train", "--max-steps", "-3", "--dry-run"), "max_steps")
+
+
+def test_sweep_report_on_a_folder_that_is_not_a_sweep_is_one_line(tmp_path):
+    _one_line_error(_dpolab("sweep", "--report", str(tmp_path)), "not a sweep folder")
+
+
+def test_eval_of_a_missing_folder_names_it(tmp_path):
+    _one_line_error(_dpolab("eval", str(tmp_path / "runs" / "nothing")), "no such run or model folder")
+
+
+def test_app_refuses_a_model_it_cannot_load_before_starting_a_server(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    run = _dpolab("app", str(tmp_path / "broken"), "--port", "8599", timeout=60)
+    _one_line_error(run, "missing model.safetensors")
+    assert "serving on" not in run.stderr
+    _one_line_error(_dpolab("app", str(tmp_path / "runs" / "missing"), timeout=60), "no such run or model folder")
+
+
+def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch, capsys):
+    import typer
+
+    from dpolab.cli._base import guarded
+    from dpolab.errors import UsageError
+
+    def broken():
+        raise KeyError("boom")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        guarded(broken)()
+    assert exit_info.value.exit_code == 1
+    assert "unexpected KeyError" in capsys.readouterr().err
+    with pytest.raises(typer.Exit) as exit_info:
+        guarded(lambda: (_ for _ in ()).throw(UsageError("bad usage")))()
+    assert exit_info.value.exit_code == 2
+    monkeypatch.setenv("DPOLAB_DEBUG", "1")
+    with pytest.raises(KeyError):
+        guarded(broken)()

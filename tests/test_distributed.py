@@ -58,10 +58,10 @@ def _run(tmp_path, cfg, nproc):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     if nproc == 1:
-        cmd = [sys.executable, str(script), cfg.model_dump_json(), str(trace)]
+        cmd = [sys.executable, str(script), cfg.model_dump_json(exclude_unset=True), str(trace)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(script), cfg.model_dump_json(), str(trace)]
+               str(script), cfg.model_dump_json(exclude_unset=True), str(trace)]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

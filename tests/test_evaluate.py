@@ -11,6 +11,7 @@ from dpolab.config import DataConfig, TrainConfig
 from dpolab.data.prepare import prepare_data
 from dpolab.engine.train import run_training
 from dpolab.evaluate.metrics import preference_metrics, win_rate, wilson_interval
+from dpolab.errors import ModelNotFound
 from dpolab.evaluate.run import EvalError, EvalOptions, run_eval
 from tests.conftest import write_jsonl
 
@@ -120,7 +121,7 @@ def test_bad_inputs_name_the_problem(tiny_run, tiny_llama, tokenizer, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run / "run" / "model", broken)
     (broken / "model.safetensors").unlink()
-    with pytest.raises(EvalError, match="missing model.safetensors"):
+    with pytest.raises(ModelNotFound, match="missing model.safetensors"):
         run_eval(EvalOptions(target=str(broken), reference=str(tiny_llama), data=str(tiny_run / "data")))
     src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a?", "chosen": "b.", "rejected": "c."}])
     prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.0), tmp_path / "notest", tokenizer=tokenizer)
@@ -136,3 +137,19 @@ def test_bad_inputs_name_the_problem(tiny_run, tiny_llama, tokenizer, tmp_path):
         run_eval(EvalOptions(target=str(tiny_run / "run"), prompts=bad))
     with pytest.raises(EvalError, match="pass --data"):
         run_eval(EvalOptions(target=str(tiny_run / "run" / "model"), reference=str(tiny_llama)))
+
+
+def test_a_judge_that_cannot_be_loaded_fails_before_any_generation(tiny_run, tmp_path, monkeypatch):
+    import dpolab.evaluate.run as eval_run
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before the judge was checked")
+
+    monkeypatch.setattr(eval_run, "generate_text", no_generation)
+    not_a_judge = tmp_path / "not-a-judge"
+    not_a_judge.mkdir()
+    with pytest.raises((EvalError, ModelNotFound)):
+        run_eval(EvalOptions(target=str(tiny_run / "run"), judge=str(not_a_judge), out=tmp_path / "o"))
+    with pytest.raises(ModelNotFound, match="no such run or model folder"):
+        run_eval(EvalOptions(target=str(tiny_run / "run"), judge=str(tmp_path / "missing" / "judge")))
+    assert not (tmp_path / "o").exists()

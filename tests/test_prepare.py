@@ -123,3 +123,23 @@ def test_long_prompt_truncated_from_the_start(tmp_path, tokenizer):
     kept = tokenizer.decode(train[0]["prompt_ids"])
     assert kept.endswith("FINAL?\nA:") and len(train[0]["prompt_ids"]) == 32
     assert report["truncated"] == {"prompt": 1, "pairs": 1}
+
+
+def test_a_source_with_no_usable_pair_fails_instead_of_writing_an_empty_folder(tmp_path, tokenizer):
+    binary = tmp_path / "blob.jsonl"
+    binary.write_bytes(bytes(range(256)) * 40)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"none of its \d+ rows is a usable pair"):
+        prepare_data(_cfg(binary), out, tokenizer=tokenizer)
+    assert not out.exists()
+
+
+def test_a_utf8_byte_order_mark_does_not_cost_the_first_row(tmp_path, tokenizer):
+    path = tmp_path / "bom.jsonl"
+    rows = [GOOD, {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."}]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode() + b"\n")
+    _, _, report, dropped = build(_cfg(path, test_size=0.0), tokenizer)
+    assert report["rows_kept"] == 2 and dropped == []
+    as_json = tmp_path / "bom.json"
+    as_json.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    assert build(_cfg(as_json, test_size=0.0), tokenizer)[2]["rows_kept"] == 2

@@ -74,8 +74,15 @@ def _python(script: str) -> subprocess.CompletedProcess:
 
 def test_export_writes_a_self_contained_folder(run_dir, exported):
     assert EXPORT_FILES <= {p.name for p in exported.iterdir()}
-    for name in ("training_args.bin", "training_args.json", "dpolab.json", "tokenizer.json"):
-        assert (exported / name).read_bytes() == (run_dir / "model" / name).read_bytes(), name
+    assert (exported / "tokenizer.json").read_bytes() == (run_dir / "model" / "tokenizer.json").read_bytes()
+    # The records are the run's with its local paths made portable (tests/test_gguf.py checks no path is left).
+    from dpolab.publish.portable import portable_json, portable_torch_file
+
+    args = (run_dir / "model" / "training_args.bin").read_bytes()
+    assert (exported / "training_args.bin").read_bytes() == portable_torch_file(args, run_dir)
+    for name in ("training_args.json", "dpolab.json"):
+        record = json.loads((run_dir / "model" / name).read_text())
+        assert json.loads((exported / name).read_text()) == portable_json(record, run_dir), name
     from safetensors.torch import load_file
 
     weights, trained = load_file(exported / "model.safetensors"), load_file(run_dir / "model" / "model.safetensors")
@@ -139,8 +146,8 @@ def test_card_metadata_equals_metrics_json(run_dir, exported):
 
 
 def test_card_takes_accuracy_and_margin_from_eval_json(run_dir, tmp_path):
-    from dpolab.card import build_card
-    from dpolab.runinfo import load_run_info
+    from dpolab.publish.card import build_card
+    from dpolab.folders.info import load_run_info
 
     copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints", "model.safetensors"))
     (copy / "eval").mkdir()
@@ -152,8 +159,8 @@ def test_card_takes_accuracy_and_margin_from_eval_json(run_dir, tmp_path):
 
 
 def test_card_for_the_embedded_base_model_names_its_hub_id_and_license():
-    from dpolab.card import build_card
-    from dpolab.runinfo import RunInfo
+    from dpolab.publish.card import build_card
+    from dpolab.folders.info import RunInfo
 
     info = RunInfo(model="x", run_dir=None, template="chat", base_model="smollm2-135m-instruct",
                    dataset="Anthropic/hh-rlhf", beta=0.1, loss_type="sigmoid", config=None, metrics=None, eval=None)
@@ -279,7 +286,10 @@ def test_push_run_creates_repo_and_commits_every_file(hub, run_dir):
     assert commit[0]["value"]["summary"] == "Upload tiny-run trained with dpolab"
     files = _uploaded(commit)
     assert EXPORT_FILES <= set(files) and set(files) == {name for name, _ in result["files"]}
-    assert files["training_args.bin"] == (run_dir / "model" / "training_args.bin").read_bytes()
+    from dpolab.publish.portable import portable_torch_file
+
+    assert files["training_args.bin"] == portable_torch_file((run_dir / "model" / "training_args.bin").read_bytes(),
+                                                             run_dir)
     assert f'model_id = "{REPO}"' in files["README.md"].decode()
     for request in hub.requests:
         assert request["headers"]["authorization"] == f"Bearer {TOKEN}"

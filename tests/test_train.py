@@ -110,10 +110,12 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_then_resume_reaches_same_weights(uninterrupted, tiny_llama, small_data, tmp_path):
     out = tmp_path / "killed"
     cfg = _cfg(tiny_llama, small_data, out)
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, cfg.model_dump_json()], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # exclude_unset: what was asked for, as a YAML config would say it (the data's own settings fill the rest).
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, cfg.model_dump_json(exclude_unset=True)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "checkpoints" / "checkpoint-6" / COMPLETE_MARKER).is_file():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -165,7 +167,9 @@ def test_tokenizer_mismatch_and_context_errors(tiny_gpt2, small_data, tmp_path, 
     with pytest.raises(ConfigError, match="prepared with the tokenizer"):
         run_training(_cfg(str(other), small_data, tmp_path / "r1"))
     with pytest.raises(ConfigError, match="exceeds"):
-        run_training(_cfg(tiny_llama, small_data, tmp_path / "r2",
+        run_training(_cfg(tiny_llama, small_data, tmp_path / "r2", data=DataConfig(dataset="demo", max_length=4096)))
+    with pytest.raises(ConfigError, match=r"data\.max_length 4096 \(the data has 512\)"):
+        run_training(_cfg(tiny_llama, small_data, tmp_path / "r3",
                           data=DataConfig(dataset=str(small_data), max_length=4096)))
 
 
@@ -201,6 +205,40 @@ def test_unknown_model_offline_names_the_alternatives(small_data, tmp_path, monk
     with pytest.raises(ModelNotFound, match="smollm2-135m-instruct.*run folder"):
         run_training(TrainConfig(output_dir=tmp_path / "r", model="no-such-org/no-such-model",
                                  data=DataConfig(dataset=str(small_data))))
-    with pytest.raises(ModelNotFound, match="model folder not found"):
+    with pytest.raises(ModelNotFound, match="no such run or model folder"):
         run_training(TrainConfig(output_dir=tmp_path / "r", model="./missing/folder", data=DataConfig(dataset=str(small_data))))
     assert not (tmp_path / "r").exists()  # failed before any heavy work or any file written
+
+
+def test_a_prepared_folder_decides_the_data_settings(tmp_path, tokenizer, tiny_llama):
+    import yaml
+
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"No {i}."} for i in range(12)]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    data = tmp_path / "data"
+    prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), template="raw", max_length=64,
+                            test_size=0.25), data, tokenizer=tokenizer)
+    out = tmp_path / "run"
+    cfg = TrainConfig(output_dir=out, model=str(tiny_llama), data=DataConfig(dataset=str(data)), max_steps=1,
+                      batch_size=4, report_to=[], eval_every="no")
+    run_training(cfg)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    assert (recorded["template"], recorded["max_length"], recorded["test_size"]) == ("raw", 64, 0.25)
+    meta = json.loads((out / "model" / "dpolab.json").read_text())
+    assert (meta["template"], meta["max_length"]) == ("raw", 64)
+    from dpolab.engine.train import with_data_settings
+
+    assert with_data_settings(cfg).token_budget is None and with_data_settings(cfg).data.max_length == 64
+    contradicting = TrainConfig(output_dir=tmp_path / "other", model=str(tiny_llama), max_steps=1,
+                                data=DataConfig(dataset=str(data), template="qa", max_length=64))
+    with pytest.raises(ConfigError, match=r"data\.template 'qa' \(the data has 'raw'\)"):
+        run_training(contradicting)
+    assert not (tmp_path / "other").exists()
+
+
+def test_resume_with_nothing_to_resume_says_so(tiny_llama, small_data, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dpolab"):
+        run_training(_cfg(tiny_llama, small_data, tmp_path / "fresh", max_steps=1), resume=True)
+    assert "no complete checkpoint" in caplog.text and "starts from the beginning" in caplog.text

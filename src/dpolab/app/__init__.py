@@ -1,6 +1,6 @@
 """The chat app: `dpolab app [MODEL] [--compare BASE]` serves `page.py` with Streamlit (launched by `launch.py`).
 
-The page is UI only; prompts, generation and model resolution come from `dpolab.generation`, `dpolab.runinfo` and
+The page is UI only; prompts, generation and model resolution come from `dpolab.generation`, `dpolab.folders.run` and
 `dpolab.models`, exactly as evaluation uses them.
 """
 

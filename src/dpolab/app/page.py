@@ -1,5 +1,5 @@
 """The chat page, run by Streamlit (`dpolab app` launches it). UI only: model names resolve through
-`dpolab.runinfo`/`dpolab.models`, prompts and tokens come from `dpolab.generation`, as in training and evaluation.
+`dpolab.folders.run`/`dpolab.models`, prompts and tokens come from `dpolab.generation`, as in training and evaluation.
 
 Options arrive as Streamlit passes them, in `sys.argv` after `--` ([page, MODEL, --compare BASE, --runs-dir DIR]);
 tests set `sys.argv` the same way.
@@ -19,9 +19,14 @@ from typing import Any
 import streamlit as st
 
 from dpolab import EMBEDDED_MODEL
-from dpolab.generation import GenerationSettings, build_prompt, context_limit, stream_text
+from dpolab.folders.info import RunInfo, load_run_info
+from dpolab.generation import (
+    GenerationSettings,
+    build_prompt,
+    context_limit,
+    stream_text,
+)
 from dpolab.models import load_model, load_tokenizer, model_folder
-from dpolab.runinfo import RunInfo, load_run_info
 
 EXAMPLES = ("What is the purpose of life?", "How to live a healthy life?", "How do I make good tea?",
             "Tips for a job interview?")
@@ -171,8 +176,11 @@ def _num(value) -> str:
 
 
 def model_card(info: RunInfo) -> None:
-    rows = [("Template", f"`{info.template}`"), ("Base model", info.base_model and f"`{info.base_model}`"),
-            ("Dataset", info.dataset and f"`{info.dataset}`"), ("DPO β", info.beta), ("Loss", info.loss_type)]
+    loss = info.loss_type if info.method == "dpo" else None
+    rows = [("Method", f"`{info.method}`" if info.run_dir or info.base_model else None),
+            ("Template", f"`{info.template}`"), ("Base model", info.base_model and f"`{info.base_model}`"),
+            ("Dataset", info.dataset and f"`{info.dataset}`"), ("β", info.beta),
+            ("Loss", ", ".join(loss) if isinstance(loss, list) else loss)]
     final = (info.metrics or {}).get("final") or {}
     rows += [("Eval loss", final.get("loss")), ("Reward accuracy", final.get("rewards/accuracies")),
              ("Reward margin", final.get("rewards/margins")), ("Train pairs", (info.metrics or {}).get("train_pairs"))]
@@ -259,14 +267,8 @@ def answer(text: str, tuned: tuple[RunInfo, Loaded], base: tuple[RunInfo, Loaded
             messages.append(reply)
 
 
-def main() -> None:
-    args = parse_page_args(sys.argv)
-    compare_default = bool(args.compare)
-    compare_on = st.session_state.get("compare", compare_default)
-    st.set_page_config(page_title="dpolab chat", page_icon=":material/forum:",
-                       layout="wide" if compare_on else "centered")
-    st.session_state.setdefault("messages", [])
-
+def sidebar(args: argparse.Namespace, compare_default: bool):
+    """The sidebar: model choice, compare toggle, slots for the base model and the run's record, settings."""
     with st.sidebar:
         st.header(":material/forum: dpolab chat", divider="gray")
         if args.model:
@@ -283,6 +285,17 @@ def main() -> None:
         st.button("Clear chat", icon=":material/delete:", width="stretch", key="clear",
                   on_click=lambda: st.session_state.messages.clear())
         settings = sidebar_settings()
+    return name, compare, base_slot, about_slot, settings
+
+
+def main() -> None:
+    args = parse_page_args(sys.argv)
+    compare_default = bool(args.compare)
+    compare_on = st.session_state.get("compare", compare_default)
+    st.set_page_config(page_title="dpolab chat", page_icon=":material/forum:",
+                       layout="wide" if compare_on else "centered")
+    st.session_state.setdefault("messages", [])
+    name, compare, base_slot, about_slot, settings = sidebar(args, compare_default)
 
     st.title("Chat with a DPO-tuned model")
     st.caption("DPO (Direct Preference Optimization) fine-tunes a language model on pairs of answers, one preferred "

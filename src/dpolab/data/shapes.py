@@ -1,4 +1,5 @@
-"""Row shapes -> one `Pair`: explicit prompt/chosen/rejected, HH full transcripts, conversational message lists."""
+"""Row shapes -> one `Pair` (explicit prompt/chosen/rejected, HH full transcripts, conversational message lists)
+or one `Unpaired` row (prompt, completion, boolean label: KTO data, TRL's unpaired preference shape)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,27 @@ _TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 @dataclass(frozen=True)
-class Pair:
-    """One preference pair. `prompt_text` is the prompt as written (raw template); `messages` its turns."""
+class Prompted:
+    """A prompt: `messages` its turns, `prompt_text` the prompt as written (raw template)."""
 
     messages: tuple[tuple[str, str], ...]  # ((role, content), ...) ending with a user turn
     prompt_text: str
+
+
+@dataclass(frozen=True)
+class Pair(Prompted):
+    """One preference pair."""
+
     chosen: str
     rejected: str
+
+
+@dataclass(frozen=True)
+class Unpaired(Prompted):
+    """One unpaired preference row: a completion judged desirable (`label` True) or undesirable (False) on its own."""
+
+    completion: str
+    label: bool
 
 
 class Drop(Exception):
@@ -33,16 +48,23 @@ class Columns:
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
+    completion: str = "completion"
+    label: str = "label"
 
 
 def detect_shape(row: dict[str, Any], cols: Columns) -> str:
-    """Shape from the first parsable row; fails at once when the needed columns are absent."""
+    """Shape from the first parsable row; fails at once when the needed columns are absent.
+
+    A row with both a completion and a label column is `unpaired` (checked first: such a row has no chosen/rejected)."""
     found = sorted(row)
+    if cols.completion in row and cols.label in row:
+        return "unpaired"
     if cols.chosen not in row or cols.rejected not in row:
         raise ValueError(
             f"expected columns {cols.chosen!r} and {cols.rejected!r} (plus {cols.prompt!r} unless they are HH "
-            f"transcripts or message lists); found {found}. Map yours with --prompt-column/--chosen-column/"
-            f"--rejected-column."
+            f"transcripts or message lists), or {cols.prompt!r}, {cols.completion!r} and {cols.label!r} for unpaired "
+            f"(KTO) rows; found {found}. Map yours with --prompt-column/--chosen-column/--rejected-column/"
+            f"--completion-column/--label-column."
         )
     if isinstance(row[cols.chosen], list) or isinstance(row.get(cols.prompt), list):
         return "conversational"
@@ -120,7 +142,54 @@ def _render_transcript(messages) -> str:
     return "".join(f"{HUMAN if role == 'user' else ASSISTANT} {content}" for role, content in messages if role != "system") + ASSISTANT
 
 
-def parse_row(row: dict[str, Any], shape: str, cols: Columns) -> Pair:
+def _label(row: dict[str, Any], column: str, text_labels: bool) -> bool:
+    """A real bool only: 0/1, "yes"/"no" or scores are refused rather than guessed at (a 0/1 may be a rating).
+
+    `text_labels` (CSV, where every cell is text) also accepts "true"/"false" in any case; a missing or empty label
+    is `missing_field`, like any other column."""
+    value = row.get(column)
+    if value is None:
+        raise Drop("missing_field", column)
+    if isinstance(value, bool):
+        return value
+    if text_labels and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise Drop("label_not_boolean", f"{column} is {type(value).__name__} {str(value)[:40]!r}")
+
+
+def _completion(value: Any, column: str) -> str:
+    """A completion is text, or (conversational) a list holding exactly one assistant message."""
+    if isinstance(value, list):
+        messages = _messages(value, column)
+        if len(messages) != 1 or messages[0][0] != "assistant":
+            raise Drop("malformed_messages", f"{column} must be exactly one assistant message")
+        return messages[0][1]
+    return _text({column: value}, column)
+
+
+def parse_unpaired(row: dict[str, Any], cols: Columns, text_labels: bool = False) -> Unpaired:
+    """prompt (text, HH-style transcript or message list) + completion + label -> `Unpaired`."""
+    prompt = row.get(cols.prompt)
+    if isinstance(prompt, list):
+        messages = tuple(_messages(prompt, cols.prompt))
+        prompt_text = _render_transcript(messages)
+    else:
+        prompt_text = _text(row, cols.prompt)
+        messages = _prompt_messages(prompt_text)
+    if cols.completion not in row or row[cols.completion] is None:
+        raise Drop("missing_field", cols.completion)
+    completion = _completion(row[cols.completion], cols.completion)
+    if not completion.strip():
+        raise Drop("empty_field", cols.completion)
+    if not messages or messages[-1][0] != "user":
+        raise Drop("malformed_prompt", "the prompt must end with a user turn")
+    return Unpaired(messages, prompt_text, completion, _label(row, cols.label, text_labels))
+
+
+def parse_row(row: dict[str, Any], shape: str, cols: Columns, text_labels: bool = False) -> Pair | Unpaired:
+    """One raw row of `shape` -> a `Pair` (or `Unpaired` for shape 'unpaired'), or `Drop` with the reason."""
+    if shape == "unpaired":
+        return parse_unpaired(row, cols, text_labels)
     if shape == "explicit":
         prompt = _text(row, cols.prompt)
         chosen, rejected = _text(row, cols.chosen), _text(row, cols.rejected)

@@ -11,11 +11,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from dpolab.errors import SourceError
+
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-class SourceError(ValueError):
-    """The source cannot be read at all (not a single bad row: those are dropped and accounted for)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ def _open(path: Path):
 def _jsonl(path: Path) -> Iterator[RawRow]:
     with _open(path) as handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is no part of the first row
             if not raw.strip():
                 continue
             try:
@@ -83,7 +85,7 @@ def _jsonl(path: Path) -> Iterator[RawRow]:
 def _json(path: Path) -> Iterator[RawRow]:
     with _open(path) as handle:
         try:
-            data = json.loads(handle.read().decode("utf-8"))
+            data = json.loads(handle.read().decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SourceError(f"{path}: not a valid UTF-8 JSON document ({exc}); use JSONL for row-level recovery") from None
     if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}: the first list value holds the rows

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dpolab.data.shapes import Drop, Pair
+from dpolab.data.shapes import Drop, Pair, Unpaired
 
 TEMPLATES = ("qa", "raw", "chat")
 Messages = Sequence[tuple[str, str]]
@@ -65,3 +65,9 @@ def render(pair: Pair, template: str, tokenizer=None) -> tuple[str, str, str]:
     chosen = format_response(pair.chosen, template, pair.messages, prompt, tokenizer)
     rejected = format_response(pair.rejected, template, pair.messages, prompt, tokenizer)
     return prompt, chosen, rejected
+
+
+def render_unpaired(row: Unpaired, template: str, tokenizer=None) -> tuple[str, str]:
+    """(prompt, completion) text for one unpaired row: the prompt as a pair's, the completion as a response."""
+    prompt = format_prompt(row.messages, template, tokenizer, row.prompt_text)
+    return prompt, format_response(row.completion, template, row.messages, prompt, tokenizer)

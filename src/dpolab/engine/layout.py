@@ -38,10 +38,12 @@ def _finish(n_pairs: int, width: int, keep: torch.Tensor, entries: list[tuple[in
         seq.extend([seq_index] * len(ids))
     return {"logits_to_keep": keep, "pred_index": torch.tensor(pred, dtype=torch.long),
             "target_ids": torch.tensor(target, dtype=torch.long), "seq_index": torch.tensor(seq, dtype=torch.long),
-            "n_seqs": 2 * n_pairs}
+            "n_seqs": max((e[0] for e in entries), default=2 * n_pairs - 1) + 1}
 
 
-def padded_batch(pairs: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+def padded_batch(pairs: Sequence[dict[str, Any]], pad_id: int, prompt_targets: bool = False) -> dict[str, Any]:
+    """`prompt_targets`: also gather the prompt's own tokens (from its second on) as sequences 2B..3B-1, for a
+    loss that counts them (TRL's ORPO NLL runs over prompt and response)."""
     n = len(pairs)
     sequences = [p["prompt_ids"] + p["chosen_ids"] for p in pairs] + [p["prompt_ids"] + p["rejected_ids"] for p in pairs]
     width = max(map(len, sequences))
@@ -57,6 +59,9 @@ def padded_batch(pairs: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]
         start = len(pair["prompt_ids"]) - 1  # the position predicting the first response token
         keep[row, start : start + len(response)] = True
         entries.append((row, row, response, start, start + 1))
+        if prompt_targets and row < n and len(pair["prompt_ids"]) > 1:
+            keep[row, : start] = True
+            entries.append((2 * n + row, row, pair["prompt_ids"][1:], 0, 1))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "real_tokens": int(attention_mask.sum()),
             "computed_tokens": input_ids.numel(), **_finish(n, width, keep, entries)}
 
@@ -73,7 +78,8 @@ def balance_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return [sorted(row) for row in rows if row]
 
 
-def packed_batch(pairs: Sequence[dict[str, Any]], pad_id: int, token_budget: int) -> dict[str, Any]:
+def packed_batch(pairs: Sequence[dict[str, Any]], pad_id: int, token_budget: int, prompt_targets: bool = False
+                 ) -> dict[str, Any]:
     n = len(pairs)
     lengths = [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs]
     rows = balance_rows(lengths, token_budget)
@@ -99,6 +105,9 @@ def packed_batch(pairs: Sequence[dict[str, Any]], pad_id: int, token_budget: int
             keep[r, rejected_start : rejected_start + len(rj) - 1] = True  # predicts rejected[1:]
             entries.append((index, r, c, last_prompt, last_prompt + 1))
             entries.append((n + index, r, rj, last_prompt, rejected_start))
+            if prompt_targets and len(p) > 1:  # the shared prompt's tokens, counted once (see padded_batch)
+                keep[r, offset:last_prompt] = True
+                entries.append((2 * n + index, r, p[1:], offset, offset + 1))
             offset += lengths[index]
     # (R, 1, L, L): query i may attend key j iff same pair, j <= i, and not (i rejected, j chosen); padding sees itself.
     causal = torch.ones(width, width, dtype=torch.bool).tril()

@@ -9,21 +9,27 @@ computed. Files are replaced atomically (write + rename): a reader never sees a 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dpolab.fsutil import atomic_write_text, file_lock
 
-def cache_path(data_dir: Path, weights_key: str, dtype: torch.dtype) -> Path:
-    key = hashlib.sha256(f"{weights_key}|{dtype}".encode()).hexdigest()[:20]
-    return Path(data_dir) / "refcache" / f"{key}.json"
+# Pairs per reference forward, independent of the training batch, so the cache holds the same values for a run of
+# any batch size or process count (bitwise, given the same token budget).
+REFERENCE_BATCH = 8
+
+
+def cache_path(data_dir: Path, weights_key: str, dtype: torch.dtype, variant: str = "") -> Path:
+    """`variant` names another way of summing token log-probs (LD-DPO's weights): another file."""
+    from dpolab.folders.prepared import PreparedFolder
+
+    key = hashlib.sha256(f"{weights_key}|{dtype}{'|' + variant if variant else ''}".encode()).hexdigest()[:20]
+    return PreparedFolder(Path(data_dir)).refcache_dir / f"{key}.json"
 
 
 def read_cache(path: Path) -> dict[str, tuple[float, float]]:
@@ -33,11 +39,7 @@ def read_cache(path: Path) -> dict[str, tuple[float, float]]:
 
 
 def write_cache(path: Path, logps: dict[str, tuple[float, float]], meta: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".refcache-", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"meta": meta, "logps": logps}, handle)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"meta": meta, "logps": logps}))
 
 
 @torch.no_grad()
@@ -63,20 +65,6 @@ def compute_logps(model, pairs: Sequence[dict[str, Any]], collate, batch_size: i
             out[pair["id"]] = (float(logps[i]), float(logps[n + i]))
     model.train(was_training)
     return out
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock between local processes (fcntl): one computes, the others wait and then read."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_reference(pairs: Sequence[dict[str, Any]], path: Path, load_reference, collate, batch_size: int, device,

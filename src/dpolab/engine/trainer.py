@@ -1,5 +1,6 @@
-"""`DPOTrainer`: a transformers.Trainer whose only additions are the DPO loss, its metrics, and complete-checkpoint
-markers. The loop, optimizer, schedulers, logging and accelerate integration are transformers'."""
+"""`DPOTrainer`: a transformers.Trainer whose only additions are the preference loss of the run's method
+(engine/methods.py), its metrics, and complete-checkpoint markers. The loop, optimizer, schedulers, logging and
+accelerate integration are transformers'."""
 
 from __future__ import annotations
 
@@ -13,10 +14,30 @@ import torch
 from transformers import Trainer
 
 from dpolab.engine.layout import packed_batch, padded_batch
-from dpolab.engine.logprobs import batch_logps
-from dpolab.engine.losses import dpo_loss
+from dpolab.engine.logprobs import ld_weights
+from dpolab.engine.methods import DPOSettings, MethodSettings, dpo_step, preference_step  # noqa: F401
 
 COMPLETE_MARKER = "dpolab-complete.json"
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, records: list[dict[str, Any]]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.records[index]
+
+
+def features(records: list[dict], ref: dict[str, tuple[float, float]] | None) -> list[dict]:
+    """Training features: token ids, the cached reference log-probs (0 for reference-free methods) and, for
+    unpaired data, the label."""
+    keep = ("id", "prompt_ids", "chosen_ids", "rejected_ids", "label")
+    none = (0.0, 0.0)
+    return [{**{k: r[k] for k in keep if k in r}, "ref_chosen": (ref or {}).get(r["id"], none)[0],
+             "ref_rejected": (ref or {}).get(r["id"], none)[1]} for r in records]
 
 
 @dataclass(frozen=True)
@@ -26,50 +47,31 @@ class DPOCollator:
     layout: str
     pad_id: int
     token_budget: int
+    ld_alpha: float | None = None  # LD-DPO: token weights on the responses' tails
+    prompt_targets: bool = False  # ORPO's NLL counts the prompt's tokens too (as TRL's)
 
     def __call__(self, features: list[dict[str, Any]], with_ref: bool = True) -> dict[str, Any]:
         if self.layout == "packed":
-            batch = packed_batch(features, self.pad_id, self.token_budget)
+            batch = packed_batch(features, self.pad_id, self.token_budget, self.prompt_targets)
         else:
-            batch = padded_batch(features, self.pad_id)
+            batch = padded_batch(features, self.pad_id, self.prompt_targets)
         batch["chosen_tokens"] = torch.tensor([len(f["chosen_ids"]) for f in features], dtype=torch.float32)
         batch["rejected_tokens"] = torch.tensor([len(f["rejected_ids"]) for f in features], dtype=torch.float32)
+        if self.ld_alpha is not None:
+            batch["token_weights"] = ld_weights(batch["seq_index"], batch["chosen_tokens"], batch["rejected_tokens"],
+                                                self.ld_alpha)
+        if "label" in features[0]:
+            batch["labels"] = torch.tensor([bool(f["label"]) for f in features])
         if with_ref:
             batch["ref_chosen"] = torch.tensor([f["ref_chosen"] for f in features], dtype=torch.float64)
             batch["ref_rejected"] = torch.tensor([f["ref_rejected"] for f in features], dtype=torch.float64)
         return batch
 
 
-@dataclass(frozen=True)
-class DPOSettings:
-    beta: float
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-
-
-def dpo_step(model, batch: dict[str, Any], settings: DPOSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and TRL-named metrics of one batch (log-probs from the policy, reference from the batch)."""
-    logps = batch_logps(model, batch)  # (2B,)
-    chosen, rejected = logps.chunk(2)  # (B,), (B,)
-    ref_chosen = batch["ref_chosen"].to(logps)
-    ref_rejected = batch["ref_rejected"].to(logps)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        chosen, rejected, ref_chosen, ref_rejected, settings.beta, settings.loss_type, settings.label_smoothing,
-        batch["chosen_tokens"].to(logps), batch["rejected_tokens"].to(logps))
-    metrics = {
-        "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-        # Ties count as half (a freshly initialized policy has all margins 0: accuracy 0.5, not 0).
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float(),
-        "rewards/margins": chosen_rewards - rejected_rewards,
-        "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach(),
-    }
-    return losses.mean(), metrics
-
-
 class DPOTrainer(Trainer):
-    def __init__(self, *args, dpo: DPOSettings, **kwargs):
+    def __init__(self, *args, method: MethodSettings, **kwargs):
         super().__init__(*args, **kwargs)
-        self.dpo = dpo
+        self.method = method
         self._metric_sums: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def _record(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
@@ -77,8 +79,11 @@ class DPOTrainer(Trainer):
             gathered = self.accelerator.gather_for_metrics(values.detach().float())
             self._metric_sums[mode][name].extend(gathered.cpu().tolist())
 
+    def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(value.reshape(1)).mean()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = dpo_step(model, inputs, self.dpo)
+        loss, metrics = preference_step(model, inputs, self.method, self._mean_over_processes)
         self._record(metrics, "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss
 
@@ -92,6 +97,7 @@ class DPOTrainer(Trainer):
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
         for name, values in self._metric_sums[mode].items():
+            values = [v for v in values if v == v]  # NaN marks "not this kind of example" (KTO's two labels)
             if values:
                 logs[prefix + name] = sum(values) / len(values)
         self._metric_sums[mode].clear()

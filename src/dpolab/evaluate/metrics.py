@@ -15,15 +15,31 @@ def _ranking(better: torch.Tensor, worse: torch.Tensor) -> float:
     return float(wins.mean()) if len(wins) else float("nan")
 
 
-def preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> dict[str, float]:
-    """Implicit rewards r = β·(log π − log π_ref) (Rafailov et al. 2023, eq. 5) and what they rank.
+def implicit_rewards(method: str, pc, pr, rc, rr, beta: float, chosen_tokens=None, rejected_tokens=None):
+    """The reward each method's paper and TRL report, (B,) each: β·(log π − log π_ref) for dpo and kto (Rafailov et
+    al. 2023, eq. 5); reference-free, β·avg log π for simpo and orpo (length-normalized) and β·log π for cpo."""
+    if method in ("simpo", "orpo"):
+        return beta * pc / chosen_tokens.clamp(min=1), beta * pr / rejected_tokens.clamp(min=1)
+    if method == "cpo":
+        return beta * pc, beta * pr
+    return beta * (pc - rc), beta * (pr - rr)
 
-    accuracy: r_chosen > r_rejected (ties half): the tuned model's preference, relative to the reference.
+
+def _tensors(*values):
+    return tuple(torch.as_tensor(x, dtype=torch.float64) for x in values)
+
+
+def preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, method: str = "dpo",
+                       chosen_tokens=None, rejected_tokens=None) -> dict[str, float]:
+    """The method's implicit rewards (`implicit_rewards`) and what they rank.
+
+    accuracy: r_chosen > r_rejected (ties half): the tuned model's preference (relative to the reference for dpo).
     reference_ranking_accuracy: log π_ref(chosen) > log π_ref(rejected): what the starting model already prefers.
     policy_ranking_accuracy: the same raw log-prob ranking for the tuned model (comparable to the line above).
     """
-    pc, pr, rc, rr = (torch.as_tensor(x, dtype=torch.float64) for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
-    chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)  # (B,), (B,)
+    pc, pr, rc, rr = _tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    counts = _tensors(chosen_tokens, rejected_tokens) if chosen_tokens is not None else (None, None)
+    chosen_rewards, rejected_rewards = implicit_rewards(method, pc, pr, rc, rr, beta, *counts)  # (B,), (B,)
     margins = chosen_rewards - rejected_rewards  # (B,)
     return {
         "pairs": int(len(pc)),
@@ -36,9 +52,29 @@ def preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
     }
 
 
-def reward_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> list[float]:
-    pc, pr, rc, rr = (torch.as_tensor(x, dtype=torch.float64) for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
-    return (beta * ((pc - rc) - (pr - rr))).tolist()
+def reward_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, method: str = "dpo",
+                   chosen_tokens=None, rejected_tokens=None) -> list[float]:
+    pc, pr, rc, rr = _tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    counts = _tensors(chosen_tokens, rejected_tokens) if chosen_tokens is not None else (None, None)
+    chosen_rewards, rejected_rewards = implicit_rewards(method, pc, pr, rc, rr, beta, *counts)
+    return (chosen_rewards - rejected_rewards).tolist()
+
+
+def unpaired_metrics(policy, ref, desirable, beta: float) -> dict[str, float]:
+    """KTO's held-out view of unpaired examples: rewards r = β·(log π − log π_ref) of desirable and undesirable
+    completions; accuracy = share whose reward has its label's sign (r > 0 desirable, r < 0 undesirable; 0 half)."""
+    pc, rc = _tensors(policy, ref)
+    good = torch.as_tensor(desirable, dtype=torch.bool)
+    rewards = beta * (pc - rc)  # (B,)
+    signed = torch.where(good, rewards, -rewards)
+    return {
+        "examples": int(len(pc)), "desirable": int(good.sum()), "undesirable": int((~good).sum()),
+        "accuracy": _ranking(signed, torch.zeros_like(signed)),
+        "chosen_reward_mean": float(rewards[good].mean()) if good.any() else float("nan"),
+        "rejected_reward_mean": float(rewards[~good].mean()) if (~good).any() else float("nan"),
+        "margin_mean": float(rewards[good].mean() - rewards[~good].mean()) if good.any() and (~good).any() else float("nan"),
+        "policy_logps_chosen_mean": float(pc.mean()), "reference_logps_chosen_mean": float(rc.mean()),
+    }
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:

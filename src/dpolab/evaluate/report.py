@@ -23,6 +23,17 @@ METRIC_ROWS = [
 ]
 
 
+def held_out(m: dict[str, Any]) -> str:
+    """'N held-out pairs', or for unpaired (KTO) data 'N held-out examples (d desirable, u undesirable)'."""
+    if "pairs" in m:
+        return f"{m['pairs']} held-out pairs"
+    return f"{m['examples']} held-out examples ({m['desirable']} desirable, {m['undesirable']} undesirable)"
+
+
+def metric_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(key, label) for key, label in METRIC_ROWS if key in m]
+
+
 def fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -68,9 +79,9 @@ def _plots(result: dict[str, Any], out: Path, history: list[dict] | None) -> lis
 def _markdown(result: dict[str, Any], plots) -> str:
     m = result["metrics"]["policy"]
     lines = [f"# Evaluation of `{result['model']}`", "",
-             f"Reference: `{result['reference']}` · template `{result['template']}` · β = {result['beta']} · "
-             f"{m['pairs']} held-out pairs", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {label} | {fmt(m[key])} |" for key, label in METRIC_ROWS]
+             f"Method `{result.get('method', 'dpo')}` · reference: `{result['reference']}` · template "
+             f"`{result['template']}` · β = {result['beta']} · {held_out(m)}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {label} | {fmt(m[key])} |" for key, label in metric_rows(m)]
     lengths = result["lengths"]
     lines += [f"| Response length, base (mean / median tokens) | {lengths['base']['mean']:.1f} / {lengths['base']['median']:.1f} |",
               f"| Response length, tuned (mean / median tokens) | {lengths['tuned']['mean']:.1f} / {lengths['tuned']['median']:.1f} |"]
@@ -99,17 +110,18 @@ img{max-width:100%;margin:.5em 0}.gen{display:grid;grid-template-columns:1fr 1fr
 def _html(result: dict[str, Any], plots, out: Path) -> str:
     m = result["metrics"]["policy"]
     e = html.escape
-    cards = [("Reward accuracy (tuned)", m["accuracy"]), ("Reference ranking accuracy", m["reference_ranking_accuracy"]),
-             ("Mean reward margin", m["margin_mean"])]
+    cards = [(label, m[key]) for key, label in (("accuracy", "Reward accuracy (tuned)"), ("reference_ranking_accuracy",
+             "Reference ranking accuracy"), ("margin_mean", "Mean reward margin")) if key in m]
     if "judge" in result:
         cards.append(("Judge win rate", result["judge"]["win_rate"]))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>dpolab evaluation</title><style>{CSS}</style></head><body>",
              f"<h1>Evaluation of {e(str(result['model']))}</h1>",
-             f"<div class='sub'>reference {e(str(result['reference']))} · template <code>{e(result['template'])}</code> · "
-             f"β = {result['beta']} · {m['pairs']} held-out pairs</div><div class='cards'>"]
+             f"<div class='sub'>method <code>{e(result.get('method', 'dpo'))}</code> · reference "
+             f"{e(str(result['reference']))} · template <code>{e(result['template'])}</code> · "
+             f"β = {result['beta']} · {e(held_out(m))}</div><div class='cards'>"]
     parts += [f"<div class='card'>{e(label)}<b>{value:.3f}</b></div>" for label, value in cards]
     parts.append("</div><table><tr><th>metric</th><th>value</th></tr>")
-    parts += [f"<tr><td>{e(label)}</td><td class='num'>{fmt(m[key])}</td></tr>" for key, label in METRIC_ROWS]
+    parts += [f"<tr><td>{e(label)}</td><td class='num'>{fmt(m[key])}</td></tr>" for key, label in metric_rows(m)]
     for who in ("base", "tuned"):
         stats = result["lengths"][who]
         parts.append(f"<tr><td>Response length, {who} (mean / median tokens)</td><td class='num'>{stats['mean']:.1f} / {stats['median']:.1f}</td></tr>")
@@ -131,11 +143,11 @@ def _html(result: dict[str, Any], plots, out: Path) -> str:
 
 
 def write_report(result: dict[str, Any], out: Path, info) -> None:
+    from dpolab.folders.run import EVAL_JSON
+
     out.mkdir(parents=True, exist_ok=True)
-    history = None
-    if info.run_dir is not None and (info.run_dir / "trainer_state.json").is_file():
-        history = json.loads((info.run_dir / "trainer_state.json").read_text())["log_history"]
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    history = info.run.read_log_history() if info.run is not None else None
+    (out / EVAL_JSON).write_text(json.dumps(result, indent=2))
     plots = _plots(result, out, history)
     (out / "report.md").write_text(_markdown(result, plots))
     (out / "report.html").write_text(_html(result, plots, out))

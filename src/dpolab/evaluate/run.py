@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
-from dpolab.data.prepare import DataError, Prepared, build, is_prepared, load_prepared
+from dpolab.data.prepare import Prepared, build, is_prepared, load_prepared
+from dpolab.errors import DataError, EvalError
 from dpolab.evaluate import metrics as M
+from dpolab.folders.info import RunInfo, load_run_info
 from dpolab.generation import GenerationSettings, build_prompt, generate_text
-from dpolab.runinfo import RunInfo, load_run_info
+from dpolab.models import check_model_folder
 
 STUDY_PROMPTS = ("What is the purpose of life?", "How to live a healthy life?")
 
 
-class EvalError(ValueError):
-    """An input evaluation cannot use; the message names the problem."""
 
 
 @dataclass(frozen=True)
@@ -40,19 +40,6 @@ class EvalOptions:
     out: Path | None = None
     beta: float | None = None
     batch_size: int = 8
-
-
-def check_model_folder(path: str) -> None:
-    folder = Path(path)
-    if not folder.is_dir():
-        return  # a Hub id
-    missing = [n for n in ("config.json",) if not (folder / n).is_file()]
-    if not list(folder.glob("*.safetensors")):
-        missing.append("model.safetensors")
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        missing.append("tokenizer.json")
-    if missing:
-        raise EvalError(f"{folder} is not a complete model folder: missing {', '.join(missing)}")
 
 
 def load_prompts(path: Path) -> list[str]:
@@ -83,7 +70,7 @@ def _data(info: RunInfo, opts: EvalOptions, tokenizer) -> tuple[list[dict], Prep
     source = opts.data
     if source is None and info.run_dir is not None:
         dataset = (info.config or {}).get("data", {}).get("dataset")
-        source = dataset if dataset and is_prepared(dataset) else str(info.run_dir / "data")
+        source = dataset if dataset and is_prepared(dataset) else str(info.run.data_dir)
     if source is None:
         raise EvalError(f"{opts.target} is not a run folder: pass --data (a prepared folder or a raw source)")
     if is_prepared(source):
@@ -126,14 +113,24 @@ def _prompt_set(opts: EvalOptions, custom: list[str] | None, records: list[dict]
     return chosen + [{"question": q, "prompt": build_prompt(q, template, tokenizer)} for q in STUDY_PROMPTS]
 
 
-def _judge(judge: str, generations: list[dict]) -> dict[str, Any]:
+def load_judge(judge: str):
+    """(tokenizer, model) of a sequence-classification reward model; loaded before any generation so that a judge
+    that cannot be loaded fails at once."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from dpolab.models import resolve_model
 
     path = resolve_model(judge)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"--judge {judge}: cannot load a reward model ({str(exc).splitlines()[0][:200]})") from None
+    return tokenizer, model
+
+
+def _judge(judge: str, loaded, generations: list[dict]) -> dict[str, Any]:
+    tokenizer, model = loaded
 
     @torch.no_grad()
     def score(question: str, answer: str) -> float:
@@ -147,25 +144,61 @@ def _judge(judge: str, generations: list[dict]) -> dict[str, Any]:
     return {"model": judge, **M.win_rate(tuned, base)}
 
 
-def run_eval(opts: EvalOptions) -> dict[str, Any]:
-    from dpolab.engine.trainer import DPOCollator
-    from dpolab.models import load_model, load_tokenizer
+def _generations(items: list[dict], load_base, tuned, tokenizer, template: str, settings) -> list[dict]:
+    from tqdm.auto import tqdm
 
-    started = time.perf_counter()
-    custom_prompts = load_prompts(opts.prompts) if opts.prompts is not None else None  # fail before heavy work
+    out = []
+    for item in tqdm(items, desc="generations", unit="prompt", leave=False):
+        base_text = generate_text(load_base(), tokenizer, item["prompt"], template, settings)
+        tuned_text = generate_text(tuned, tokenizer, item["prompt"], template, settings)
+        out.append({**item, "base": base_text, "tuned": tuned_text,
+                    "base_tokens": len(tokenizer(base_text, add_special_tokens=False).input_ids),
+                    "tuned_tokens": len(tokenizer(tuned_text, add_special_tokens=False).input_ids)})
+    return out
+
+
+def _collator(tokenizer, records: list[dict]):
+    from dpolab.engine.trainer import DPOCollator
+
+    widest = max(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in records)
+    return DPOCollator("packed", tokenizer.pad_token_id, max(2 * widest, 512))
+
+
+def _open(opts: EvalOptions) -> tuple[RunInfo, str]:
+    """The run to evaluate and its reference, checked before any heavy work."""
     info = load_run_info(opts.target)
     check_model_folder(info.model)
     reference = opts.reference or info.base_model
     if reference is None:
         raise EvalError(f"{opts.target} does not record its starting model: pass --reference MODEL")
+    return info, reference
+
+
+def _metrics(method: str, records: list[dict], pc, pr, rc, rr, beta: float) -> dict[str, Any]:
+    """Held-out metrics in the method's own terms (rewards as its paper and TRL report them)."""
+    if method == "kto" or "label" in records[0]:
+        labels = [bool(r["label"]) for r in records]
+        return {"metrics": {"policy": M.unpaired_metrics(pc, rc, labels, beta)},
+                "margins": [beta * (p - r) for p, r in zip(pc, rc)]}
+    counts = ([len(r["chosen_ids"]) for r in records], [len(r["rejected_ids"]) for r in records])
+    return {"metrics": {"policy": M.preference_metrics(pc, pr, rc, rr, beta, method, *counts)},
+            "margins": M.reward_margins(pc, pr, rc, rr, beta, method, *counts)}
+
+
+def run_eval(opts: EvalOptions) -> dict[str, Any]:
+    from dpolab.models import load_model, load_tokenizer
+
+    started = time.perf_counter()
+    custom_prompts = load_prompts(opts.prompts) if opts.prompts is not None else None  # fail before heavy work
+    info, reference = _open(opts)
+    judge = load_judge(opts.judge) if opts.judge else None
     beta = opts.beta or info.beta or 0.1
     tokenizer = load_tokenizer(info.model)
     records, prepared = _data(info, opts, tokenizer)
     if not records:
         raise EvalError("the evaluation data has no test split (0 held-out pairs): prepare it with --test-size > 0")
     tuned = load_model(info.model).eval()
-    collate = DPOCollator("packed", tokenizer.pad_token_id, max(2 * max(len(r["prompt_ids"]) + len(r["chosen_ids"])
-                                                                        + len(r["rejected_ids"]) for r in records), 512))
+    collate = _collator(tokenizer, records)
     base_model: list = []
 
     def load_base():
@@ -175,27 +208,19 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
 
     pc, pr = policy_logps(tuned, records, collate, opts.batch_size)
     rc, rr = _reference_logps(reference, records, prepared, collate, opts.batch_size, load_base)
-    preference = M.preference_metrics(pc, pr, rc, rr, beta)
-    margins = M.reward_margins(pc, pr, rc, rr, beta)
     settings = GenerationSettings(max_new_tokens=opts.max_new_tokens, seed=opts.seed)
-    generations = []
-    for item in _prompt_set(opts, custom_prompts, records, info.template, tokenizer):
-        base_text = generate_text(load_base(), tokenizer, item["prompt"], info.template, settings)
-        tuned_text = generate_text(tuned, tokenizer, item["prompt"], info.template, settings)
-        generations.append({**item, "base": base_text, "tuned": tuned_text,
-                            "base_tokens": len(tokenizer(base_text, add_special_tokens=False).input_ids),
-                            "tuned_tokens": len(tokenizer(tuned_text, add_special_tokens=False).input_ids)})
+    items = _prompt_set(opts, custom_prompts, records, info.template, tokenizer)
+    generations = _generations(items, load_base, tuned, tokenizer, info.template, settings)
     result = {
-        "model": info.model, "reference": reference, "template": info.template, "beta": beta,
-        "data": str(prepared.path) if prepared else opts.data, "metrics": {"policy": preference},
-        "margins": margins,
+        "model": info.model, "reference": reference, "template": info.template, "beta": beta, "method": info.method,
+        "data": str(prepared.path) if prepared else opts.data, **_metrics(info.method, records, pc, pr, rc, rr, beta),
         "lengths": {"base": M.length_stats([g["base_tokens"] for g in generations]),
                     "tuned": M.length_stats([g["tuned_tokens"] for g in generations])},
         "generation": asdict(settings), "generations": generations,
     }
-    if opts.judge:
-        result["judge"] = _judge(opts.judge, generations)
-    out = Path(opts.out) if opts.out else (info.run_dir / "eval" if info.run_dir else Path("eval"))
+    if judge is not None:
+        result["judge"] = _judge(opts.judge, judge, generations)
+    out = Path(opts.out) if opts.out else (info.run.eval_dir if info.run else Path("eval"))
     from dpolab.evaluate.report import write_report
 
     result["seconds"] = round(time.perf_counter() - started, 1)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from dpolab.evaluate.report import METRIC_ROWS, fmt
+from dpolab.evaluate.report import fmt, held_out, metric_rows
 
 
 def eval_table(result) -> Table:
     m = result["metrics"]["policy"]
-    table = Table(title=f"evaluation ({m['pairs']} held-out pairs)", show_header=False, title_justify="left")
+    table = Table(title=f"evaluation of a {result.get('method', 'dpo')} run ({held_out(m)})", show_header=False,
+                  title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    for key, label in METRIC_ROWS[:5]:
+    for key, label in metric_rows(m)[:5]:
         table.add_row(label, fmt(m[key]))
     lengths = result["lengths"]
     table.add_row("mean length base / tuned", f"{lengths['base']['mean']:.1f} / {lengths['tuned']['mean']:.1f}")

@@ -1,4 +1,4 @@
-"""`dpolab app`: the chat web app (registered on the CLI in cli.py)."""
+"""`dpolab app`: the chat web app."""
 
 from __future__ import annotations
 
@@ -42,4 +42,15 @@ def app_command(
     """
     from dpolab.app.launch import run_app
 
+    for name in (model, compare):
+        if name is not None:
+            check_loadable(name)
     raise typer.Exit(run_app(model, compare, port=port, host=host, runs_dir=runs_dir))
+
+
+def check_loadable(name: str) -> None:
+    """Fail before starting a server for a model the page could not load (a Hub id is left to the page)."""
+    from dpolab.folders.info import load_run_info
+    from dpolab.models import check_model_folder
+
+    check_model_folder(load_run_info(name).model)

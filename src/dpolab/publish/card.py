@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +11,15 @@ from typing import Any
 import yaml
 
 from dpolab import EMBEDDED_MODEL
-from dpolab.runinfo import RunInfo
+from dpolab.folders.info import RunInfo
+from dpolab.folders.sweep import SweepFolder
 
 # The embedded model is a converted copy of this Hub model; the Hub needs its id (and the license it carries).
 EMBEDDED_HUB_ID, EMBEDDED_LICENSE = "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"
 PLACEHOLDER_OWNER = "your-username"
+METHOD_NAMES = {"dpo": "Direct Preference Optimization (DPO)", "simpo": "SimPO (reference-free preference optimization)",
+                "cpo": "Contrastive Preference Optimization (CPO)", "orpo": "ORPO (odds-ratio preference optimization)",
+                "kto": "Kahneman-Tversky Optimization (KTO)"}
 MAX_TRIAL_ROWS = 100
 
 PROMPT_FORMATS = {
@@ -74,13 +77,13 @@ class Sweep:
 
 
 def load_sweep(path: Path) -> Sweep:
-    config = yaml.safe_load((path / "sweep.yaml").read_text()) if (path / "sweep.yaml").is_file() else {}
-    best = path / "best" / "best.json"
+    folder = SweepFolder(path)
+    config = folder.read_config_tree() if folder.config_file.is_file() else {}
     trials = []
-    if (path / "trials.csv").is_file():
-        with open(path / "trials.csv", newline="") as handle:
+    if folder.trials_csv.is_file():
+        with open(folder.trials_csv, newline="") as handle:
             trials = list(csv.DictReader(handle))
-    return Sweep(path, (config or {}).get("search_space"), json.loads(best.read_text()) if best.is_file() else None, trials)
+    return Sweep(path, config.get("search_space"), folder.read_best(), trials)
 
 
 def hub_id(name: str | None) -> str | None:
@@ -144,7 +147,8 @@ def _training_section(info: RunInfo) -> str:
     steps = cfg.get("max_steps")
     rows = [
         ("Base model", _display(info.base_model)), ("Reference model", _display((cfg.get("ref_model") or info.base_model))),
-        ("Loss", f"`{info.loss_type}`" if info.loss_type else None), ("beta", info.beta),
+        ("Method", f"`{info.method}`"),
+        ("Loss", f"`{info.loss_type}`" if info.loss_type and info.method == "dpo" else None), ("beta", info.beta),
         ("Learning rate", cfg.get("learning_rate")), ("LR schedule", cfg.get("lr_scheduler")),
         ("Batch size", f"{cfg['batch_size']} pairs x {cfg.get('grad_accum', 1)} accumulation" if cfg.get("batch_size") else None),
         ("Epochs", cfg.get("epochs") if not steps or steps < 0 else f"{steps} steps"),
@@ -154,7 +158,7 @@ def _training_section(info: RunInfo) -> str:
         ("Training time", f"{metrics['train_runtime_s']} s (whole run {metrics.get('total_time_s')} s)" if metrics.get("train_runtime_s") else None),
         ("Hardware", metrics.get("hardware")), ("PyTorch", metrics.get("torch")),
     ]
-    return "## Training\n\nDirect Preference Optimization (DPO) with dpolab.\n\n" + _table(rows)
+    return f"## Training\n\n{METHOD_NAMES.get(info.method, info.method)} with dpolab.\n\n" + _table(rows)
 
 
 def _results_section(found: dict[str, tuple[str, float]]) -> str:
@@ -183,8 +187,9 @@ def _sweep_section(sweep: Sweep) -> str:
 
 
 def build_card(info: RunInfo, name: str, repo_id: str | None = None, sweep: Sweep | None = None,
-               data_report: dict | None = None, base_license: str | None = None):
-    """The ModelCard (huggingface_hub) of a run; `repo_id` is the id the usage snippet loads."""
+               data_report: dict | None = None, base_license: str | None = None, local: list[dict] | None = None):
+    """The ModelCard (huggingface_hub) of a run; `repo_id` is the id the usage snippet loads; `local`: the GGUF files
+    of the export (file, quant, size), which add the "Run it locally" section."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     source = (data_report or {}).get("source") or info.dataset
@@ -198,14 +203,14 @@ def build_card(info: RunInfo, name: str, repo_id: str | None = None, sweep: Swee
     data = ModelCardData(
         base_model=base, datasets=[dataset_id] if dataset_id else None, library_name="transformers",
         license=EMBEDDED_LICENSE if info.base_model == EMBEDDED_MODEL else base_license,
-        pipeline_tag="text-generation", tags=["dpo", "dpolab", "text-generation"], model_name=name,
+        pipeline_tag="text-generation", tags=sorted({"dpolab", "text-generation", info.method}), model_name=name,
         eval_results=results or None,
     )
     report = data_report or {}
     model_id = repo_id or f"{PLACEHOLDER_OWNER}/{name}"
     body = [
         f"# {name}",
-        f"{_display(info.base_model)} aligned with Direct Preference Optimization (DPO) on {_display(source, dataset=True)}, "
+        f"{_display(info.base_model)} aligned with {METHOD_NAMES.get(info.method, info.method)} on {_display(source, dataset=True)}, "
         "trained with dpolab.",
         "## Data\n\n" + _table([("Dataset", _display(source, dataset=True)), ("Training pairs", report.get("train")),
                                 ("Test pairs", report.get("test")), ("Template", f"`{info.template}`")]),
@@ -217,6 +222,9 @@ def build_card(info: RunInfo, name: str, repo_id: str | None = None, sweep: Swee
         "```python\n" + SNIPPET.format(model_id=model_id, prompt_code=_PROMPT_CODE.get(info.template, _PROMPT_CODE["qa"]))
         + "\n```",
     ]
+    if local:
+        data.tags.append("gguf")
+        body.append(run_locally_section(name, info.template, local))
     if sweep is not None:
         body.append(_sweep_section(sweep))
     body.append(LIMITATIONS)
@@ -226,3 +234,79 @@ def build_card(info: RunInfo, name: str, repo_id: str | None = None, sweep: Swee
 def set_model_id(card_text: str, repo_id: str) -> str:
     """The card with its usage snippet loading `repo_id` (an export made before the repo id was known)."""
     return re.sub(r'^model_id = ".*"$', f'model_id = "{repo_id}"', card_text, count=1, flags=re.M)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.0f} MB"
+
+
+def run_locally_section(name: str, template: str, files: list[dict]) -> str:
+    """llama.cpp, Ollama and LM Studio commands for the export's GGUF files (the first one is the Modelfile's)."""
+    from dpolab.generation import GenerationSettings
+
+    s = GenerationSettings()
+    first = files[0]["file"]
+    rows = "\n".join(f"| `{f['file']}` | {f['quant']} | {_megabytes(f['size'])} |" for f in files)
+    sampling = f"--temp {s.temperature} --top-p {s.top_p} --top-k {s.top_k} --repeat-penalty {s.repetition_penalty}"
+    tag = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "model"
+    return (
+        "## Run it locally\n\n"
+        "GGUF files for [llama.cpp](https://github.com/ggml-org/llama.cpp), [Ollama](https://ollama.com) and "
+        "LM Studio, written by dpolab:\n\n| File | Weights | Size |\n|---|---|---|\n" + rows + "\n\n"
+        f"Each file carries the prompt format the model was trained with (`{template}`) as its chat template, so chat "
+        "front-ends build the prompt exactly as training did, and the sampling defaults of the dpolab app "
+        f"({sampling}).\n\n"
+        "llama.cpp (`--jinja` applies the chat template stored in the file):\n\n```bash\n"
+        f"llama-cli -m {first} --jinja -cnv -n {s.max_new_tokens}\n"
+        f"llama-server -m {first} --jinja --port 8080   # OpenAI-compatible API: http://localhost:8080/v1/chat/completions\n"
+        "```\n\n"
+        "Ollama: the `Modelfile` beside the file sets the template, the stop tokens and the same sampling defaults "
+        "(edit its `FROM` line to use another file):\n\n```bash\n"
+        f"ollama create {tag} -f Modelfile\nollama run {tag}\n```\n\n"
+        "LM Studio: load the `.gguf` file; it reads the chat template from the file."
+    )
+
+
+ADAPTER_SNIPPET = '''import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model_id = "{model_id}"  # this adapter
+base_id = "{base_id}"  # the model it was trained on
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_id), model_id)
+model = model.merge_and_unload()  # optional: one plain model, as `dpolab export` writes by default
+
+question = "How can I make my mornings less stressful?"
+{prompt_code}
+output = model.generate(**inputs, max_new_tokens=64, do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))'''
+
+
+def build_adapter_card(info: RunInfo, name: str, base_id: str, repo_id: str | None = None):
+    """The ModelCard of a LoRA adapter export: PEFT metadata, the base model to load it on, a PEFT usage snippet."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    lora = (info.config or {}).get("lora") or {}
+    base = hub_id(info.base_model)
+    data = ModelCardData(base_model=base, library_name="peft", pipeline_tag="text-generation", model_name=name,
+                         license=EMBEDDED_LICENSE if info.base_model == EMBEDDED_MODEL else None,
+                         tags=["dpo", "dpolab", "lora", "peft", "text-generation"])
+    embedded_note = ("\n\nIt was trained on dpolab's embedded copy of that model (dequantized from its Q4_1 GGUF "
+                     "release); on the original Hub weights it gives close, not identical, outputs."
+                     if info.base_model == EMBEDDED_MODEL else "")
+    body = [
+        f"# {name} (LoRA adapter)",
+        f"A LoRA adapter (r={lora.get('r')}, alpha={lora.get('alpha')}) for {_display(info.base_model)}, trained with "
+        "DPO by dpolab. Load it on its base model with PEFT; `dpolab export` without `--adapter` writes the merged "
+        "model instead." + embedded_note,
+        _training_section(info).replace(" (merged into the weights)", ""),
+        _results_section(eval_metrics(info)),
+        f"## Prompt format (`{info.template}`)\n\n{PROMPT_FORMATS.get(info.template, info.template)}",
+        "## Usage\n\n```python\n" + ADAPTER_SNIPPET.format(
+            model_id=repo_id or f"{PLACEHOLDER_OWNER}/{name}", base_id=base_id,
+            prompt_code=_PROMPT_CODE.get(info.template, _PROMPT_CODE["qa"])) + "\n```",
+        LIMITATIONS,
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(body))
