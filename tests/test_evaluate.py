@@ -86,9 +86,21 @@ def test_eval_metrics_match_direct_computation_and_report(tiny_run, tiny_llama):
     for text in (md, page):
         assert f"{saved['metrics']['policy']['accuracy']:.4f}" in text
         assert f"{saved['metrics']['policy']['margin_mean']:.4f}" in text
+        policy = saved["metrics"]["policy"]
+        for key in ("accuracy", "reference_ranking_accuracy", "policy_ranking_accuracy"):  # each rate: CI and n
+            low, high = wilson_interval(policy[key] * 6, 6)
+            assert f"{policy[key]:.4f} (95% CI {low:.3f}–{high:.3f}, n=6)" in text, key
         assert "What is the purpose of life?" in text
     assert page.count("data:image/png;base64,") == 2 and "<img" in page  # curves + margins, inlined
     assert (out / "curves.png").stat().st_size > 1000
+    from rich.console import Console
+
+    from dpolab.evaluate.summary import eval_table
+
+    console = Console(width=200, record=True)
+    console.print(eval_table(result))
+    low, high = wilson_interval(got["accuracy"] * 6, 6)
+    assert f"{got['accuracy']:.4f} (95% CI {low:.3f}–{high:.3f}, n=6)" in console.export_text()
 
 
 def test_eval_is_deterministic(tiny_run, tmp_path):
@@ -98,23 +110,73 @@ def test_eval_is_deterministic(tiny_run, tmp_path):
     assert a == b
 
 
-def test_judge_win_rate(tiny_run, tiny_llama, tokenizer, tmp_path):
+def _seq_cls(tiny_llama, tokenizer, path, num_labels=1, seed=1):
+    """A tiny random reward model (sequence classification) sharing the tiny Llama's config."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     config = LlamaConfig.from_pretrained(tiny_llama)
-    config.num_labels = 1
+    config.num_labels = num_labels
     judge = LlamaForSequenceClassification(config)
     judge.config.pad_token_id = tokenizer.pad_token_id
-    judge.save_pretrained(tmp_path / "judge")
-    tokenizer.save_pretrained(tmp_path / "judge")
-    result = run_eval(EvalOptions(target=str(tiny_run / "run"), n_prompts=1, max_new_tokens=6, judge=str(tmp_path / "judge"),
+    judge.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_judge_win_rate(tiny_run, tiny_llama, tokenizer, tmp_path):
+    from dpolab.evaluate.metrics import length_controlled_win_rate, preferences
+
+    judge = _seq_cls(tiny_llama, tokenizer, tmp_path / "judge")
+    result = run_eval(EvalOptions(target=str(tiny_run / "run"), n_prompts=1, max_new_tokens=6, judge=str(judge),
                                   out=tmp_path / "out"))
-    gens = result["generations"]
-    expected = win_rate([g["judge_tuned"] for g in gens], [g["judge_base"] for g in gens])
-    assert result["judge"]["win_rate"] == expected["win_rate"] and result["judge"]["prompts"] == 3
-    assert result["judge"]["ci_low"] <= result["judge"]["win_rate"] <= result["judge"]["ci_high"]
-    assert "Judge win rate" in (tmp_path / "out" / "report.html").read_text()
+    gens, j = result["generations"], result["judge"]
+    tuned, base = [g["judge_tuned"] for g in gens], [g["judge_base"] for g in gens]
+    expected = win_rate(tuned, base)
+    assert j["win_rate"] == expected["win_rate"] and j["prompts"] == 3
+    assert (j["ci_low"], j["ci_high"]) == pytest.approx(wilson_interval(expected["win_rate"] * 3, 3))
+    diffs = [g["tuned_tokens"] - g["base_tokens"] for g in gens]
+    assert j["mean_length_change"] == pytest.approx(sum(diffs) / 3)
+    lc = length_controlled_win_rate(preferences(tuned, base), diffs)
+    assert (j["lc_win_rate"], j["lc_ci_low"], j["lc_ci_high"]) == pytest.approx(
+        (lc["lc_win_rate"], lc["lc_ci_low"], lc["lc_ci_high"]))
+    assert j["scores"]["tuned"]["max"] == max(tuned) and j["scores"]["base"]["min"] == min(base)
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert saved["judge"]["lc_win_rate"] == j["lc_win_rate"] and saved["judge"]["win_rate"] == j["win_rate"]
+    page, md = (tmp_path / "out" / "report.html").read_text(), (tmp_path / "out" / "report.md").read_text()
+    for text in (page, md):
+        assert "Judge win rate" in text and "Length-controlled win rate" in text and "Mean length change" in text
+        assert f"{j['lc_win_rate']:.3f} (95% CI {j['lc_ci_low']:.3f}–{j['lc_ci_high']:.3f}, n=3)" in text
+        assert f"{j['scores']['tuned']['median']:.3f}" in text  # the score quantile table
+    assert page.count("data:image/png;base64,") == 3  # curves, margins, judge scores
+
+
+def _reward_run(tiny_llama, tokenizer, path):
+    """A folder laid out as `dpolab train --method reward` leaves it: config, model/ (seq-cls) with its dpolab.json."""
+    from dpolab.folders.run import RunFolder
+
+    run = RunFolder(path)
+    run.create(overwrite=False)
+    run.config_file.write_text(f"model: {tiny_llama}\nmethod: reward\n")
+    _seq_cls(tiny_llama, tokenizer, run.model_dir)
+    run.write_model_meta({"method": "reward", "template": "qa", "base_model": str(tiny_llama)})
+    return run
+
+
+def test_a_reward_run_folder_is_a_judge_scoring_what_it_was_trained_on(tiny_llama, tokenizer, tmp_path):
+    from dpolab.evaluate.run import judge_score, load_judge
+    from dpolab.generation import build_prompt
+
+    run = _reward_run(tiny_llama, tokenizer, tmp_path / "rm")
+    judge = load_judge(str(run.path))
+    assert judge.template == "qa" and judge.model.config.num_labels == 1
+    ids = (tokenizer(build_prompt("Why?", "qa", tokenizer)).input_ids
+           + tokenizer("Because.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+    with torch.no_grad():
+        # pad = EOS here, so transformers pools at the last token before EOS: compute that by hand
+        hidden = judge.model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        by_hand = judge.model.score(hidden[len(ids) - 2]).item()
+    assert judge_score(judge, "Why?", "Because.") == pytest.approx(by_hand, abs=1e-5)
 
 
 def test_bad_inputs_name_the_problem(tiny_run, tiny_llama, tokenizer, tmp_path):
@@ -139,7 +201,8 @@ def test_bad_inputs_name_the_problem(tiny_run, tiny_llama, tokenizer, tmp_path):
         run_eval(EvalOptions(target=str(tiny_run / "run" / "model"), reference=str(tiny_llama)))
 
 
-def test_a_judge_that_cannot_be_loaded_fails_before_any_generation(tiny_run, tmp_path, monkeypatch):
+def test_a_judge_that_cannot_be_loaded_fails_before_any_generation(tiny_run, tiny_llama, tokenizer, tmp_path,
+                                                                    monkeypatch):
     import dpolab.evaluate.run as eval_run
 
     def no_generation(*args, **kwargs):
@@ -150,6 +213,17 @@ def test_a_judge_that_cannot_be_loaded_fails_before_any_generation(tiny_run, tmp
     not_a_judge.mkdir()
     with pytest.raises((EvalError, ModelNotFound)):
         run_eval(EvalOptions(target=str(tiny_run / "run"), judge=str(not_a_judge), out=tmp_path / "o"))
-    with pytest.raises(ModelNotFound, match="no such run or model folder"):
+    with pytest.raises(ModelNotFound, match="^--judge .*: no such run or model folder"):
         run_eval(EvalOptions(target=str(tiny_run / "run"), judge=str(tmp_path / "missing" / "judge")))
+    run = str(tiny_run / "run")  # a DPO run is not a judge, even though its model/ would load with a random head
+    with pytest.raises(EvalError, match=rf"^--judge {run}: .*run is a dpolab dpo run, not a reward model"):
+        run_eval(EvalOptions(target=run, judge=run, out=tmp_path / "o"))
+    with pytest.raises(EvalError, match=r"holds LlamaForCausalLM, not a sequence-classification reward model"):
+        run_eval(EvalOptions(target=run, judge=str(tiny_llama), out=tmp_path / "o"))
+    two = _seq_cls(tiny_llama, tokenizer, tmp_path / "two", num_labels=2)
+    with pytest.raises(EvalError, match=r"has 2 outputs; a reward model has one \(num_labels=1\)"):
+        run_eval(EvalOptions(target=run, judge=str(two), out=tmp_path / "o"))
+    with pytest.raises(EvalError) as caught:
+        run_eval(EvalOptions(target=run, judge=str(two), out=tmp_path / "o"))
+    assert "\n" not in str(caught.value)  # one line, as the CLI prints it
     assert not (tmp_path / "o").exists()

@@ -18,11 +18,16 @@ def evaluate(
     n_prompts: int = typer.Option(4, help="Test-split prompts sampled for generations (plus the study's two)."),
     max_new_tokens: int = typer.Option(64, help="Tokens generated per answer."),
     seed: int = typer.Option(0, help="Seed for the prompt sample and every generation."),
-    judge: Optional[str] = typer.Option(None, help="Reward model (sequence classification) scoring tuned vs base."),
+    judge: Optional[str] = typer.Option(
+        None, help="Reward model scoring tuned vs base answers: a reward run folder (dpolab train --method reward), a "
+                   "sequence-classification model folder or Hub id (one output). Reports the raw and the "
+                   "length-controlled win rate with 95% intervals, the mean length change and the score spread."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: RUN/eval)."),
     beta: Optional[float] = typer.Option(None, help="Beta for implicit rewards (default: the run's)."),
 ) -> None:
-    """Evaluate a tuned model against its reference: preference accuracy, margins, generations, report.html."""
+    """Evaluate a tuned model against its reference: preference accuracy, margins, generations, report.html.
+
+    Every accuracy and win rate is shown with its 95% interval (Wilson; ties count half) and its n."""
     from dpolab.evaluate.run import EvalOptions, run_eval
 
     result = run_eval(EvalOptions(target=target, reference=reference, data=data, prompts=prompts, n_prompts=n_prompts,

@@ -20,7 +20,7 @@ from dpolab.errors import DataError, EvalError
 from dpolab.evaluate import metrics as M
 from dpolab.folders.info import RunInfo, load_run_info
 from dpolab.generation import GenerationSettings, build_prompt, generate_text
-from dpolab.models import check_model_folder
+from dpolab.models import check_model_folder, context_length
 
 STUDY_PROMPTS = ("What is the purpose of life?", "How to live a healthy life?")
 
@@ -113,35 +113,87 @@ def _prompt_set(opts: EvalOptions, custom: list[str] | None, records: list[dict]
     return chosen + [{"question": q, "prompt": build_prompt(q, template, tokenizer)} for q in STUDY_PROMPTS]
 
 
-def load_judge(judge: str):
-    """(tokenizer, model) of a sequence-classification reward model; loaded before any generation so that a judge
-    that cannot be loaded fails at once."""
+@dataclass(frozen=True)
+class Judge:
+    """A loaded reward model. `template` is set for a judge dpolab trained (a reward run): it then scores exactly what
+    it was trained on, the prompt in its template + the answer + EOS. Any other judge scores (question, answer) as
+    a text pair, the convention of sequence-classification reward models on the Hub."""
+
+    name: str
+    tokenizer: Any
+    model: Any
+    template: str | None = None
+
+
+def _judge_folder(judge: str) -> tuple[str, str | None]:
+    """(loadable path or Hub id, template of a dpolab reward run or None), through the run-folder layout: a run
+    folder (or sweep folder) resolves to its model/, and a run that is not a reward model is refused."""
+    from dpolab.errors import ModelNotFound
+
+    try:
+        info = load_run_info(judge)
+    except ModelNotFound as exc:
+        raise ModelNotFound(f"--judge {judge}: {exc}") from None
+    if info.run_dir is not None and info.method != "reward":
+        raise EvalError(f"--judge {judge}: {info.run_dir} is a dpolab {info.method} run, not a reward model; pass a "
+                        "reward run (dpolab train --method reward) or a sequence-classification model")
+    return info.model, (info.template if info.method == "reward" and info.run_dir is not None else None)
+
+
+def _check_judge_config(judge: str, path: str) -> None:
+    """A causal LM would load as a sequence classifier with a freshly initialised (random) score head: refuse it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    kinds = config.architectures or []
+    if not any(kind.endswith("ForSequenceClassification") for kind in kinds):
+        held = ", ".join(kinds) or "a model with no recorded architecture"
+        raise EvalError(f"--judge {judge}: {path} holds {held}, not a sequence-classification reward model")
+    if config.num_labels != 1:
+        raise EvalError(f"--judge {judge}: {path} has {config.num_labels} outputs; a reward model has one "
+                        "(num_labels=1)")
+
+
+def load_judge(judge: str) -> Judge:
+    """The judge, loaded before any generation so that one that cannot be loaded fails at once, in one line."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from dpolab.models import resolve_model
-
-    path = resolve_model(judge)
+    path, template = _judge_folder(judge)
     try:
+        _check_judge_config(judge, path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
     except (OSError, ValueError) as exc:
+        if isinstance(exc, EvalError):
+            raise
         raise EvalError(f"--judge {judge}: cannot load a reward model ({str(exc).splitlines()[0][:200]})") from None
-    return tokenizer, model
+    return Judge(judge, tokenizer, model, template)
 
 
-def _judge(judge: str, loaded, generations: list[dict]) -> dict[str, Any]:
-    tokenizer, model = loaded
+@torch.no_grad()
+def judge_score(judge: Judge, question: str, answer: str) -> float:
+    """The judge's scalar score of one answer (the pooled output of its one-output head)."""
+    tok = judge.tokenizer
+    if judge.template is None:
+        inputs = tok(question, answer, return_tensors="pt", truncation=True, max_length=512)
+        return float(judge.model(**inputs).logits[0, -1])
+    from dpolab.data.tokenize import with_eos
 
-    @torch.no_grad()
-    def score(question: str, answer: str) -> float:
-        inputs = tokenizer(question, answer, return_tensors="pt", truncation=True, max_length=512)
-        return float(model(**inputs).logits[0, -1])
+    prompt = build_prompt(question, judge.template, tok)
+    ids = tok(prompt, add_special_tokens=judge.template != "chat").input_ids
+    ids += with_eos(tok(answer, add_special_tokens=False).input_ids, tok.eos_token_id)
+    limit = context_length(judge.model.config) or 2048  # keep the answer's end: the score is read at the last token
+    return float(judge.model(input_ids=torch.tensor([ids[-limit:]])).logits[0, -1])
 
-    tuned = [score(g["question"], g["tuned"]) for g in generations]
-    base = [score(g["question"], g["base"]) for g in generations]
+
+def _judge(judge: str, loaded: Judge, generations: list[dict], seed: int = 0) -> dict[str, Any]:
+    tuned = [judge_score(loaded, g["question"], g["tuned"]) for g in generations]
+    base = [judge_score(loaded, g["question"], g["base"]) for g in generations]
     for g, t, b in zip(generations, tuned, base):
         g["judge_tuned"], g["judge_base"] = t, b
-    return {"model": judge, **M.win_rate(tuned, base)}
+    summary = M.judge_summary(tuned, base, [g["tuned_tokens"] for g in generations],
+                              [g["base_tokens"] for g in generations], seed=seed)
+    return {"model": judge, **summary}
 
 
 def _generations(items: list[dict], load_base, tuned, tokenizer, template: str, settings) -> list[dict]:
@@ -219,7 +271,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
         "generation": asdict(settings), "generations": generations,
     }
     if judge is not None:
-        result["judge"] = _judge(opts.judge, judge, generations)
+        result["judge"] = _judge(opts.judge, judge, generations, opts.seed)
     out = Path(opts.out) if opts.out else (info.run.eval_dir if info.run else Path("eval"))
     from dpolab.evaluate.report import write_report
 

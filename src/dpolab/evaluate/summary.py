@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from dpolab.evaluate.report import fmt, held_out, metric_rows
+from dpolab.evaluate.report import held_out, judge_rows, metric_rows, metric_text
 
 
 def eval_table(result) -> Table:
@@ -14,11 +14,11 @@ def eval_table(result) -> Table:
     table.add_column(style="bold")
     table.add_column(justify="right")
     for key, label in metric_rows(m)[:5]:
-        table.add_row(label, fmt(m[key]))
+        table.add_row(label, metric_text(m, key))
     lengths = result["lengths"]
     table.add_row("mean length base / tuned", f"{lengths['base']['mean']:.1f} / {lengths['tuned']['mean']:.1f}")
     if "judge" in result:
-        j = result["judge"]
-        table.add_row("judge win rate (95% CI)", f"{j['win_rate']:.3f} ({j['ci_low']:.3f}–{j['ci_high']:.3f})")
+        for label, text in judge_rows(result["judge"]):
+            table.add_row(label, text)
     table.add_row("time", f"{result['seconds']} s")
     return table
