@@ -40,6 +40,19 @@ class Param(BaseModel):
         raise ValueError("a float range has no grid: give 'choices' (categorical) for the grid sampler")
 
 
+JUDGE_OBJECTIVES = ("judge_win_rate", "judge_lc_win_rate")
+
+
+class JudgeObjective(BaseModel):
+    """The judge a `judge_win_rate` / `judge_lc_win_rate` objective asks, after each trial's training, through
+    `dpolab eval` itself (held-out prompts of the shared data, plus eval's two fixed prompts)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str  # a reward run folder, a sequence-classification model folder or Hub id (as `eval --judge`)
+    prompts: int = Field(16, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+
+
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     sweep_dir: Path = Path("runs/sweep")
@@ -47,7 +60,10 @@ class SweepConfig(BaseModel):
     search_space: dict[str, Param]
     sampler: Literal["grid", "random", "tpe"] = "tpe"
     n_trials: int = Field(8, gt=0)
-    objective: Literal["eval_loss", "eval_rewards/accuracies"] = "eval_loss"
+    # eval_loss (the default) and eval accuracy come from training's per-epoch evaluation, so the pruner can stop a
+    # trial early on them; a judge's win rate exists only once a trial has trained, so those trials run to the end.
+    objective: Literal["eval_loss", "eval_rewards/accuracies", "judge_win_rate", "judge_lc_win_rate"] = "eval_loss"
+    judge: JudgeObjective | None = None
     pruner: Literal["median", "none"] = "median"
     seed: int = 0
     # Workers on an RDB storage (--storage postgresql://…) beat a heartbeat every `heartbeat_interval` seconds while
@@ -84,6 +100,15 @@ class SweepConfig(BaseModel):
             if size > self.n_trials:
                 raise ValueError(f"grid of {size} points is too large for n_trials={self.n_trials}: raise n_trials "
                                  f"to {size} or shrink the space")
+        return self
+
+    @model_validator(mode="after")
+    def _judge(self) -> "SweepConfig":
+        if self.objective in JUDGE_OBJECTIVES and self.judge is None:
+            raise ValueError(f"objective {self.objective} needs a judge: add judge: {{model: REWARD_RUN_OR_MODEL}}")
+        if self.judge is not None and self.objective not in JUDGE_OBJECTIVES:
+            raise ValueError(f"judge is only used by the objectives {' or '.join(JUDGE_OBJECTIVES)}, not "
+                             f"{self.objective}: set objective or remove judge")
         return self
 
     @model_validator(mode="after")

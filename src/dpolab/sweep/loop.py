@@ -19,7 +19,7 @@ from dpolab.folders.sweep import SweepFolder
 from dpolab.fsutil import file_lock
 from dpolab.sweep import rdb
 from dpolab.sweep import study as S
-from dpolab.sweep.config import SweepConfig, trial_config
+from dpolab.sweep.config import JUDGE_OBJECTIVES, SweepConfig, trial_config
 
 
 @dataclass
@@ -225,6 +225,27 @@ def _shared_data(sweep: SweepConfig, distributed: bool) -> Path:
         return prepare_shared_data(sweep)
 
 
+def _objective(sweep: SweepConfig, cfg, result, is_main: bool) -> tuple[float | None, dict[str, Any]]:
+    """The trial's objective and the attributes stored with it. A judge objective runs `dpolab eval`'s own
+    `run_eval` on the trial's run folder (its report lands in the trial's eval/), on the main process only: the
+    other processes of a distributed trial have no study to tell."""
+    best = result.metrics["best"]
+    # In the study, so that `--report` on any machine rebuilds the table without this machine's run folders.
+    attrs = {"eval_loss": best.get("loss"), "eval_accuracy": best.get("rewards/accuracies")}
+    if sweep.objective not in JUDGE_OBJECTIVES:
+        return best[sweep.objective.removeprefix("eval_")], attrs
+    if not is_main:
+        return None, attrs
+    from dpolab.evaluate.run import EvalOptions, run_eval
+
+    judge = sweep.judge
+    verdict = run_eval(EvalOptions(target=str(cfg.output_dir), judge=judge.model, n_prompts=judge.prompts,
+                                   max_new_tokens=judge.max_new_tokens, seed=sweep.seed))["judge"]
+    attrs.update({"judge_win_rate": verdict["win_rate"], "judge_lc_win_rate": verdict["lc_win_rate"],
+                  "judge_prompts": verdict["prompts"]})
+    return attrs[sweep.objective], attrs
+
+
 def _run_job(sweep: SweepConfig, coordinator: LocalCoordinator, job: Job, data_dir: Path) -> None:
     import optuna
 
@@ -234,6 +255,7 @@ def _run_job(sweep: SweepConfig, coordinator: LocalCoordinator, job: Job, data_d
     pruning = _Pruning(job.trial, sweep.objective, coordinator.share if coordinator.distributed else None)
     try:
         result = run_training(cfg, resume=job.resume, overwrite=not job.resume, callbacks=[pruning])
+        value, attrs = _objective(sweep, cfg, result, coordinator.is_main)
     except optuna.TrialPruned:
         coordinator.finish(job, state="PRUNED")
         return
@@ -241,10 +263,7 @@ def _run_job(sweep: SweepConfig, coordinator: LocalCoordinator, job: Job, data_d
         if coordinator.finish(job, state="FAIL"):
             raise
         return  # taken over by another worker meanwhile (its storage refused this run's reports): not our failure
-    best = result.metrics["best"]
-    # In the study, so that `--report` on any machine rebuilds the table without this machine's run folders.
-    attrs = {"eval_loss": best.get("loss"), "eval_accuracy": best.get("rewards/accuracies")}
-    coordinator.finish(job, best[sweep.objective.removeprefix("eval_")], attrs=attrs)
+    coordinator.finish(job, value, attrs=attrs)
 
 
 def run_sweep(sweep: SweepConfig, storage_url: str | None = None, log=print) -> dict[str, Any]:
@@ -256,6 +275,10 @@ def run_sweep(sweep: SweepConfig, storage_url: str | None = None, log=print) -> 
     _setup(sweep, distributed)
     # The study before the data: a wrong storage URL or password fails at once, not after preparing data.
     coordinator = (BroadcastCoordinator if distributed else LocalCoordinator)(sweep, storage_url, log)
+    if sweep.judge is not None:  # a judge that cannot be loaded fails now, not after the first trial's training
+        from dpolab.evaluate.run import load_judge
+
+        load_judge(sweep.judge.model)
     data_dir = _shared_data(sweep, distributed)
     while (job := coordinator.next_job()) is not None:
         _run_job(sweep, coordinator, job, data_dir)

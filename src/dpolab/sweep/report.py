@@ -25,14 +25,18 @@ def _eval_metrics(folder: SweepFolder, trial) -> tuple[Any, Any]:
     return best.get("loss"), best.get("rewards/accuracies")
 
 
+JUDGE_COLUMNS = {"judge_win_rate": "win rate", "judge_lc_win_rate": "LC win rate"}
+
+
 def trial_rows(sweep, study) -> list[dict[str, Any]]:
     rows = []
     folder = SweepFolder(sweep.sweep_dir)
     for t in study.get_trials(deepcopy=False):
         loss, accuracy = _eval_metrics(folder, t)
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        judged = {k: t.user_attrs[k] for k in JUDGE_COLUMNS if k in t.user_attrs}  # judge objectives only
         rows.append({"trial": t.number, "state": t.state.name, **{f"param:{k}": v for k, v in t.params.items()},
-                     "value": t.value, "eval_loss": loss, "eval_accuracy": accuracy,
+                     "value": t.value, "eval_loss": loss, "eval_accuracy": accuracy, **judged,
                      "duration_s": round(duration, 1) if duration is not None else None,
                      "host": t.user_attrs.get("host"), "retry_of": t.user_attrs.get("retry_of")})
     return rows
@@ -138,8 +142,9 @@ def trials_table(summary: dict[str, Any], sweep):
     rows = summary["rows"]
     params = [k for k in dict.fromkeys(k for row in rows for k in row) if k.startswith("param:")]
     table = Table(title=f"sweep {sweep.sweep_dir} ({sweep.objective}, {sweep.direction})", title_justify="left")
-    for column in ["trial", "state", *[p.removeprefix("param:") for p in params], "eval loss", "accuracy", "seconds",
-                   "host"]:
+    judged = [k for k in JUDGE_COLUMNS if any(k in row for row in rows)]
+    for column in ["trial", "state", *[p.removeprefix("param:") for p in params], "eval loss", "accuracy",
+                   *[JUDGE_COLUMNS[k] for k in judged], "seconds", "host"]:
         table.add_column(column)
     best = (summary.get("best") or {}).get("trial")
     for row in rows:
@@ -147,6 +152,7 @@ def trials_table(summary: dict[str, Any], sweep):
                  *[f"{row.get(p):.3g}" if isinstance(row.get(p), float) else str(row.get(p, "")) for p in params],
                  f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "",
                  f"{row['eval_accuracy']:.3f}" if row["eval_accuracy"] is not None else "",
+                 *[f"{row[k]:.3f}" if row.get(k) is not None else "" for k in judged],
                  str(row["duration_s"] or ""), row.get("host") or ""]
         table.add_row(*cells)
     return table
