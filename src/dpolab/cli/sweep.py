@@ -11,7 +11,7 @@ from dpolab.cli._base import console, stdout
 
 
 def sweep(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Sweep YAML: base training config + search_space."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Sweep YAML: base training config + search_space (+ objective, judge)."),
     storage: Optional[str] = typer.Option(
         None, envvar="DPOLAB_SWEEP_STORAGE", show_envvar=False,
         help="Study database URL, e.g. postgresql://user@host/db, for workers on several machines (heartbeats, "
@@ -20,6 +20,9 @@ def sweep(
     report: Optional[Path] = typer.Option(None, "--report", help="Only (re)write the table, trials.csv, sweep.png and best/ of this sweep folder."),
 ) -> None:
     """Hyperparameter search (Optuna); every trial is a training run; best/ holds the best by the objective.
+
+    The objective is eval loss by default; `objective: judge_win_rate` (or `judge_lc_win_rate`, length-controlled)
+    with `judge: {model: REWARD_RUN, prompts: N}` runs `dpolab eval --judge` on each trial and maximizes its win rate.
 
     Re-running the same command resumes the study; several processes on one storage share the work."""
     from dpolab.config import load_config
