@@ -170,6 +170,7 @@ def test_a_reward_run_folder_is_a_judge_scoring_what_it_was_trained_on(tiny_llam
     run = _reward_run(tiny_llama, tokenizer, tmp_path / "rm")
     judge = load_judge(str(run.path))
     assert judge.template == "qa" and judge.model.config.num_labels == 1
+    assert load_judge(str(run.model_dir)).template == "qa"  # its model/ alone still says how it was trained
     ids = (tokenizer(build_prompt("Why?", "qa", tokenizer)).input_ids
            + tokenizer("Because.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
     with torch.no_grad():

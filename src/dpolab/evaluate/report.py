@@ -118,6 +118,7 @@ def _judge_plot(result: dict[str, Any], out: Path, plt) -> tuple[str, str]:
     axes[1].plot([g["base_tokens"] for g in gens], base, "o", color="#8c8c8c", label="base")
     axes[1].plot([g["tuned_tokens"] for g in gens], tuned, "o", color="#4c72b0", label="tuned")
     axes[1].set_title("Judge score vs answer length (tokens)")
+    axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()

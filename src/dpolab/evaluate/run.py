@@ -126,7 +126,7 @@ class Judge:
 
 
 def _judge_folder(judge: str) -> tuple[str, str | None]:
-    """(loadable path or Hub id, template of a dpolab reward run or None), through the run-folder layout: a run
+    """(loadable path or Hub id, template of a dpolab reward model or None), through the run-folder layout: a run
     folder (or sweep folder) resolves to its model/, and a run that is not a reward model is refused."""
     from dpolab.errors import ModelNotFound
 
@@ -137,7 +137,9 @@ def _judge_folder(judge: str) -> tuple[str, str | None]:
     if info.run_dir is not None and info.method != "reward":
         raise EvalError(f"--judge {judge}: {info.run_dir} is a dpolab {info.method} run, not a reward model; pass a "
                         "reward run (dpolab train --method reward) or a sequence-classification model")
-    return info.model, (info.template if info.method == "reward" and info.run_dir is not None else None)
+    # A reward model dpolab trained records its template (run config or model/dpolab.json), also when its model/
+    # folder is passed directly or exported.
+    return info.model, (info.template if info.method == "reward" else None)
 
 
 def _check_judge_config(judge: str, path: str) -> None:
