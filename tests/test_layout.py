@@ -110,3 +110,64 @@ def test_real_smollm2_packed_equals_separate_sequences_on_hh(embedded_dir, hh_pa
     torch.testing.assert_close(packed, padded, atol=0, rtol=2e-6)
     torch.testing.assert_close(packed, expected, atol=0, rtol=1e-5)
     torch.testing.assert_close(padded, expected, atol=0, rtol=1e-5)
+
+
+def _grads_and_logps(model, batch, chunk):
+    model.zero_grad(set_to_none=True)
+    logps = batch_logps(model, batch, chunk=chunk)
+    (logps * torch.linspace(-1.0, 1.0, logps.shape[0])).sum().backward()  # a different weight per sequence
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("keep", [0, 2**62], ids=["recompute", "keep"])
+def test_fused_head_equals_logits_path(request, monkeypatch, arch, keep):
+    """head_logps (hidden states + chunked log-sum-exp with its own backward) against the plain logits path:
+    the same log-probs and the same gradient for every parameter, the tied/untied head included."""
+    from transformers import AutoModelForCausalLM
+
+    from dpolab.engine import logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(arch), attn_implementation="sdpa").eval()
+    assert logprobs.fused_head(model) is not None
+    for batch in (padded_batch(_pairs(), 0), packed_batch(_pairs(), 0, 200, prompt_targets=True)):
+        monkeypatch.setattr(logprobs, "KEEP_LOGITS_BYTES", keep)
+        fused, fused_grads = _grads_and_logps(model, batch, chunk=7)
+        monkeypatch.setattr(logprobs, "fused_head", lambda model: None)
+        plain, plain_grads = _grads_and_logps(model, batch, chunk=7)
+        monkeypatch.undo()
+        torch.testing.assert_close(fused, plain, atol=0, rtol=1e-6)
+        assert fused_grads.keys() == plain_grads.keys()
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(fused_grads[name], grad, atol=1e-6 * grad.abs().max().item(), rtol=1e-4,
+                                       msg=name)
+
+
+def test_head_logps_with_bias_against_log_softmax():
+    from dpolab.engine.logprobs import head_logps
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, 4, generator=g, requires_grad=True)
+    weight = torch.randn(11, 4, generator=g, requires_grad=True)
+    bias = torch.randn(11, generator=g, requires_grad=True)
+    pred, target = torch.tensor([0, 1, 1, 4]), torch.tensor([3, 0, 10, 7])
+    expected = torch.nn.functional.linear(hidden, weight, bias).log_softmax(-1)[pred, target]
+    e_grads = torch.autograd.grad(expected.sum(), (hidden, weight, bias))
+    for keep in (False, True):
+        got = head_logps(hidden, weight, bias, pred, target, chunk=2, keep=keep)
+        torch.testing.assert_close(got, expected)
+        for a, b in zip(torch.autograd.grad(got.sum(), (hidden, weight, bias)), e_grads, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_heads_with_post_processing_take_the_logits_path(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from dpolab.engine.logprobs import fused_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.config.final_logit_softcapping = 30.0  # logits = cap·tanh(head(h)/cap): not a plain head
+    assert fused_head(model) is None
+    model.config.final_logit_softcapping = None
+    model.config.logit_scale = 0.5
+    assert fused_head(model) is None

@@ -4,14 +4,25 @@ The model's own forward runs once per batch (so DDP/FSDP/DeepSpeed wrappers see 
 boolean (R, L) mask: the LM head projects only the K positions that predict a response token, never all R·L.
 log p(target) = logit[target] − logsumexp(logits), with the logsumexp taken in fp32 over `chunk` rows at a time,
 so no full-vocabulary fp32 log-softmax is materialized (8 HH pairs padded to 512 would need 2·8·512·49152·4 B = 1.6 GB).
+
+Even the kept (K, V) logits dominate a small model's step: autograd holds them, their gradient, the zero-filled
+gradient of the target gather and a softmax chunk — four K·V buffers (8 HH pairs: K ≈ 1,300, ~250 MB each). Where the
+output head is a plain linear layer (`fused_head`), the model's forward instead returns the kept *hidden states*
+(the head is swapped for a pass-through during the call) and `head_logps` computes the log-sum-exp chunk by chunk in
+an autograd function with its own backward. Up to KEEP_LOGITS_BYTES it keeps one fp32 (K, V) buffer for backward
+(no extra compute); beyond it, backward recomputes each chunk's logits, so nothing of size K·V outlives a chunk, at
+one extra K·H·V matmul (ORPO's prompt tokens roughly double K on HH). bench/head_logps.py measures the three paths.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-PACKED_ATTENTION = ("sdpa",)  # attention paths tested to honour the packed 4D mask (tests/test_layout.py)
+PACKED_ATTENTION = ("sdpa",)
+KEEP_LOGITS_BYTES = 256 * 2**20  # head_logps keeps the fp32 (K, V) logits for backward up to this size, else recomputes
 
 
 def token_logps(
@@ -54,6 +65,87 @@ def _config(model):
     return inner.config
 
 
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """lse_k = log Σ_v exp(h_k·W_v + b_v), (K,) in fp32, over `chunk` rows at a time. dL/dlogits = g_k·softmax_k,
+    so dL/dh = (g·p) W and dL/dW = (g·p)ᵀ h, chunk by chunk. With `keep` the fp32 logits are kept from forward
+    (one K·V buffer, turned into g·p in place in backward); without, backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk: int, keep: bool):  # (K, H), (V, H), (V,) or None
+        w, b = _head_params(weight, bias, hidden.dtype)
+        kept = torch.empty(hidden.shape[0], w.shape[0], dtype=torch.float32, device=hidden.device) if keep else None
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (K,)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = torch.nn.functional.linear(hidden[s : s + chunk], w, b).float()  # (c, V)
+            lse[s : s + chunk] = logits.logsumexp(-1)
+            if kept is not None:
+                kept[s : s + chunk] = logits
+        ctx.save_for_backward(hidden, weight, bias, lse, kept)
+        ctx.chunk = chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):  # (K,)
+        hidden, weight, bias, lse, kept = ctx.saved_tensors
+        w, b = _head_params(weight, bias, hidden.dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if b is not None and need_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s : s + ctx.chunk]
+            logits = kept[s : s + ctx.chunk] if kept is not None else torch.nn.functional.linear(h, w, b).float()
+            g = logits.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(grad_lse[s : s + ctx.chunk, None].float())
+            if grad_h is not None:
+                grad_h[s : s + ctx.chunk] = g.to(w.dtype) @ w
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h.float())
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def _head_params(weight, bias, dtype):
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def head_logps(hidden, weight, bias, pred_index, target_ids, chunk: int = 1024, keep: bool = False) -> torch.Tensor:
+    """log p(y_t | x, y_<t) of every response token, (N,) in fp32, from the kept hidden states (K, H) and the output
+    head (W (V, H), b): the same values as `token_logps` on their logits, without ever holding (K, V)."""
+    h = hidden[pred_index]  # (N, H)
+    target = (h * weight[target_ids].to(h.dtype)).sum(-1).float()  # (N,) the target logits
+    if bias is not None:
+        target = target + bias[target_ids].float()
+    return target - _ChunkedLogSumExp.apply(hidden, weight, bias, chunk, keep)[pred_index]  # (N,)
+
+
+class _PassThrough(torch.nn.Module):
+    def forward(self, hidden):
+        return hidden
+
+
+def fused_head(model) -> torch.nn.Linear | None:
+    """The output head when its logits are exactly `head(hidden)` (a plain Linear, no soft-capping or logit scaling
+    applied after it, no adapter on it); None sends the batch down the logits path."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    config = _config(model)
+    post = any(getattr(config, name, None) not in (None, 1, 1.0) for name in ("final_logit_softcapping", "logit_scale"))
+    return head if type(head) is torch.nn.Linear and not post else None
+
+
+@contextlib.contextmanager
+def _head_swapped(model, head):
+    """During the call the head returns its input, so the model's `logits` are the kept hidden states (K, H)."""
+    owner, name = next((m, n) for m in model.modules() for n, c in m.named_children() if c is head)
+    setattr(owner, name, _PassThrough())
+    try:
+        yield
+    finally:
+        setattr(owner, name, head)
+
+
 def batch_token_logps(model, batch: dict, chunk: int = 1024) -> torch.Tensor:
     """One forward on a layout batch; the log-prob of every response token, (N,)."""
     mask = batch.get("attention_mask")
@@ -63,9 +155,14 @@ def batch_token_logps(model, batch: dict, chunk: int = 1024) -> torch.Tensor:
         raise ValueError(f"the packed layout needs attention in {PACKED_ATTENTION} (the model uses {implementation!r}); "
                          f"load it with attn_implementation='sdpa' or use layout padded")
     inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-    logits = model(**inputs, logits_to_keep=batch["logits_to_keep"], use_cache=False).logits  # (K, V)
-    logits = logits.reshape(-1, logits.shape[-1])
-    return token_logps(logits, batch["pred_index"], batch["target_ids"], chunk)
+    head = fused_head(model)
+    with _head_swapped(model, head) if head is not None else contextlib.nullcontext():
+        out = model(**inputs, logits_to_keep=batch["logits_to_keep"], use_cache=False).logits  # (K, H) or (K, V)
+    out = out.reshape(-1, out.shape[-1])
+    if head is not None:
+        keep = torch.is_grad_enabled() and out.shape[0] * head.weight.shape[0] * 4 <= KEEP_LOGITS_BYTES
+        return head_logps(out, head.weight, head.bias, batch["pred_index"], batch["target_ids"], chunk, keep)
+    return token_logps(out, batch["pred_index"], batch["target_ids"], chunk)
 
 
 def batch_logps(model, batch: dict, chunk: int = 1024) -> torch.Tensor:
