@@ -54,16 +54,20 @@ def _config(model):
     return inner.config
 
 
-def batch_token_logps(model, batch: dict, chunk: int = 1024) -> torch.Tensor:
-    """One forward on a layout batch; the log-prob of every response token, (N,)."""
+def model_inputs(model, batch: dict) -> dict:
+    """The model's inputs of a layout batch, after checking that its attention honours the packed 4D mask."""
     mask = batch.get("attention_mask")
     implementation = _config(model)._attn_implementation
     if mask is not None and mask.dim() == 4 and implementation not in PACKED_ATTENTION:
         # Measured: eager attention does not honour the custom 4D mask the same way (log-probs off by ~1 nat).
         raise ValueError(f"the packed layout needs attention in {PACKED_ATTENTION} (the model uses {implementation!r}); "
                          f"load it with attn_implementation='sdpa' or use layout padded")
-    inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-    logits = model(**inputs, logits_to_keep=batch["logits_to_keep"], use_cache=False).logits  # (K, V)
+    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
+def batch_token_logps(model, batch: dict, chunk: int = 1024) -> torch.Tensor:
+    """One forward on a layout batch; the log-prob of every response token, (N,)."""
+    logits = model(**model_inputs(model, batch), logits_to_keep=batch["logits_to_keep"], use_cache=False).logits  # (K, V)
     logits = logits.reshape(-1, logits.shape[-1])
     return token_logps(logits, batch["pred_index"], batch["target_ids"], chunk)
 
