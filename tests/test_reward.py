@@ -1,0 +1,132 @@
+"""`--method reward` end to end on a tiny model: the config's edge checks, where the layouts read each score, a run
+whose model/ loads with AutoModelForSequenceClassification and whose logged held-out accuracy and margin equal those
+of that loaded model scoring each sequence alone (transformers' own pooling), LoRA with the score head saved, and eval.
+"""
+
+import json
+
+import pytest
+import torch
+
+from dpolab.config import ConfigError, DataConfig, TrainConfig, load_config
+from dpolab.data.prepare import load_prepared, prepare_data
+from dpolab.engine.layout import packed_batch, padded_batch
+from dpolab.engine.train import run_training
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tokenizer, tiny_llama):
+    rows = [{"prompt": f"Question {i}: what is {i} plus one?", "chosen": f"It is {i + 1}, since {i} and one make {i + 1}.",
+             "rejected": "No."} for i in range(24)]
+    src = write_jsonl(tmp_path_factory.mktemp("src") / "pairs.jsonl", rows)
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.25), out, tokenizer=tokenizer)
+    return out
+
+
+def _cfg(tiny_llama, data, out, **kw):
+    return TrainConfig(**{**dict(output_dir=out, model=str(tiny_llama), data=DataConfig(dataset=str(data)),
+                                 method="reward", max_steps=3, batch_size=6, learning_rate=3e-3, report_to=[],
+                                 eval_every="epoch", save_every="epoch"), **kw})
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"method": "reward", "ref_model": "x"}, "reference-free"),
+    ({"method": "reward", "beta": 0.3}, "no β: drop beta"),
+    ({"method": "reward", "desirable_weight": 2.0}, "drop desirable_weight"),
+    ({"method": "reward", "loss_type": "ipo"}, "choose among DPO losses"),
+    ({"method": "reward", "label_smoothing": 0.1}, "label_smoothing applies"),
+    ({"method": "reward", "data.unpaired": True}, "trains on pairs"),
+    ({"method": "dpo", "center_rewards_coefficient": 0.01}, "applies to method reward"),
+])
+def test_reward_options_are_checked_at_the_edge(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, None, overrides)
+    cfg = load_config(TrainConfig, None, {"method": "reward", "center_rewards_coefficient": 0.01})
+    assert TrainConfig.model_validate(cfg.model_dump(mode="json")) == cfg  # a run's own config.yaml loads again
+
+
+def test_layouts_read_scores_where_transformers_pools():
+    pad = 2  # SmolLM2: pad = EOS; responses end with it, so the score sits on the token before
+    pairs = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, pad], "rejected_ids": [10, pad]},
+             {"prompt_ids": [11, 12], "chosen_ids": [13], "rejected_ids": [pad]}]  # rejected: nothing but EOS
+    for layout in ("padded", "packed"):
+        batch = padded_batch(pairs, pad) if layout == "padded" else packed_batch(pairs, pad, 64)
+        flat = batch["input_ids"].reshape(-1)
+        read = flat[batch["score_index"]].tolist()
+        # chosen 9, 13; rejected 10, and for the EOS-only answer the prompt's last token 12
+        assert read == [9, 13, 10, 12], layout
+    batch = padded_batch(pairs, pad)
+    for row, index in enumerate(batch["score_index"].tolist()):  # transformers' rule: the rightmost non-pad token
+        ids = batch["input_ids"][row]
+        assert index - row * ids.shape[0] == int((torch.arange(ids.shape[0]) * (ids != pad)).argmax())
+
+
+def _scores_alone(model_dir, records):
+    """Each sequence scored alone by the saved model through transformers' own pooling: the independent oracle."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return [[model(torch.tensor([r["prompt_ids"] + r[side]])).logits.item() for r in records]
+                for side in ("chosen_ids", "rejected_ids")]
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory, tiny_llama, data):
+    from dpolab.engine import refcache
+
+    def never(*args, **kwargs):
+        raise AssertionError("a reward model entered the reference pass")
+
+    saved = refcache.ensure_reference
+    refcache.ensure_reference = never
+    try:
+        out = tmp_path_factory.mktemp("runs") / "reward"
+        result = run_training(_cfg(tiny_llama, data, out, center_rewards_coefficient=0.01))
+    finally:
+        refcache.ensure_reference = saved
+    return out, result
+
+
+def test_reward_run_writes_a_sequence_classification_model(reward_run, data, tokenizer):
+    from transformers import AutoConfig
+
+    out, result = reward_run
+    config = AutoConfig.from_pretrained(out / "model")
+    assert config.num_labels == 1 and config.pad_token_id == tokenizer.pad_token_id
+    assert config.architectures == ["LlamaForSequenceClassification"]
+    assert (out / "model" / "model.safetensors").is_file() and result.ref_pairs_computed == 0
+    meta = json.loads((out / "model" / "dpolab.json").read_text())
+    assert meta["method"] == "reward" and meta["reference_model"] is None and meta["beta"] is None
+    assert meta["center_rewards_coefficient"] == 0.01
+    best = result.metrics["best"]
+    for key in ("loss", "accuracy", "margin", "mean_reward", "rewards/chosen", "rewards/rejected"):
+        assert best[key] == best[key], key  # logged, a number
+    test = load_prepared(data).split("test")
+    chosen, rejected = _scores_alone(out / "model", test)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    # model/ is the evaluated checkpoint: its logged held-out metrics are those of each pair scored alone
+    assert best["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / len(margins), abs=1e-9)
+    assert best["margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-5)
+    centred = sum(torch.nn.functional.softplus(torch.tensor(-m)).item() + 0.01 * (c + r) ** 2
+                  for m, c, r in zip(margins, chosen, rejected)) / len(margins)
+    assert best["loss"] == pytest.approx(centred, abs=1e-5)
+
+
+def test_lora_reward_run_trains_and_saves_the_score_head(tiny_llama, data, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from dpolab.config import LoraConfig
+
+    out = tmp_path / "lora"
+    run_training(_cfg(tiny_llama, data, out, lora=LoraConfig(r=4, alpha=8, dropout=0.0), learning_rate=1e-2, seed=3))
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any("score" in name for name in adapter) and any("lora_A" in name for name in adapter)
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    torch.manual_seed(3)  # the run's seed: the head as it was drawn before training
+    start = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
+    assert not torch.equal(merged.score.weight, start.score.weight)  # the head trained (in full) and was merged
+    assert torch.equal(merged.model.embed_tokens.weight, start.model.embed_tokens.weight)  # not a LoRA target
