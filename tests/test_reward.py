@@ -130,3 +130,60 @@ def test_lora_reward_run_trains_and_saves_the_score_head(tiny_llama, data, tmp_p
     start = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
     assert not torch.equal(merged.score.weight, start.score.weight)  # the head trained (in full) and was merged
     assert torch.equal(merged.model.embed_tokens.weight, start.model.embed_tokens.weight)  # not a LoRA target
+
+
+def test_eval_of_a_reward_run_scores_pairs_with_an_interval(reward_run, data, tmp_path):
+    from dpolab.evaluate.metrics import wilson_interval
+    from dpolab.evaluate.run import EvalOptions, run_eval
+
+    out, result = reward_run
+    evaluation = run_eval(EvalOptions(target=str(out), out=tmp_path / "eval", batch_size=4))
+    test = load_prepared(data).split("test")
+    chosen, rejected = _scores_alone(out / "model", test)  # transformers' pooling, one sequence at a time
+    assert evaluation["scores"]["chosen"] == pytest.approx(chosen, abs=1e-5)
+    assert evaluation["scores"]["rejected"] == pytest.approx(rejected, abs=1e-5)
+    m = evaluation["metrics"]["policy"]
+    wins = sum(c > r for c, r in zip(chosen, rejected))
+    assert m["pairs"] == len(test) and m["accuracy"] == pytest.approx(wins / len(test))
+    assert (m["accuracy_ci_low"], m["accuracy_ci_high"]) == pytest.approx(wilson_interval(wins, len(test)))
+    assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"] + 1e-12  # at p = 1 the bound is 1 − ε
+    assert m["margin_mean"] == pytest.approx(sum(chosen) / len(test) - sum(rejected) / len(test), abs=1e-5)
+    assert m["accuracy"] == pytest.approx(result.metrics["best"]["accuracy"])  # the logged eval_accuracy
+    assert "generations" not in evaluation and evaluation["method"] == "reward"
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["metrics"] == evaluation["metrics"] and (tmp_path / "eval" / "report.md").is_file()
+
+
+def test_reward_metrics_by_hand():
+    from dpolab.evaluate.reward import reward_metrics
+
+    m = reward_metrics([1.0, 0.0, 2.0, 1.0], [0.0, 0.0, 3.0, -1.0])  # margins 1, 0 (a tie: half), −1, 2
+    assert m["accuracy"] == pytest.approx(2.5 / 4) and m["pairs"] == 4
+    assert m["margin_mean"] == pytest.approx(0.5) and m["margin_median"] == pytest.approx(0.5)
+    # −log σ(m) = log(1 + e^−m): 0.31326, 0.69315, 1.31326, 0.12693
+    assert m["loss"] == pytest.approx((0.3132617 + 0.6931472 + 1.3132617 + 0.1269280) / 4, abs=1e-6)
+    # Wilson 95% for 2.5/4 (z = 1.96): centre (0.625 + 0.4802) / 1.9604 = 0.56376,
+    # half-width 1.96·√(0.234375/4 + 3.8416/64) / 1.9604 = 0.34434
+    assert (m["accuracy_ci_low"], m["accuracy_ci_high"]) == pytest.approx((0.21942, 0.90810), abs=1e-5)
+
+
+def test_the_cli_evaluates_a_reward_run_and_refuses_to_chat_with_or_export_it(reward_run, tmp_path):
+    import subprocess
+    import sys
+
+    from dpolab.cli.webapp import check_loadable
+    from dpolab.errors import PublishError, UsageError
+    from dpolab.publish import export_model
+
+    out, _ = reward_run
+    with pytest.raises(UsageError, match="reward model .* cannot generate"):
+        check_loadable(str(out))
+    with pytest.raises(PublishError, match="AutoModelForSequenceClassification"):
+        export_model(out, tmp_path / "export")
+    run = subprocess.run([sys.executable, "-m", "dpolab", "app", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "cannot generate" in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    shown = subprocess.run([sys.executable, "-m", "dpolab", "eval", str(out), "--out", str(tmp_path / "eval")],
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "pairwise accuracy (95% CI)" in shown.stdout and "held-out pairs (n)" in shown.stdout

@@ -27,6 +27,7 @@ def evaluate(
 
     result = run_eval(EvalOptions(target=target, reference=reference, data=data, prompts=prompts, n_prompts=n_prompts,
                                   max_new_tokens=max_new_tokens, seed=seed, judge=judge, out=out, beta=beta))
+    from dpolab.evaluate.reward import reward_table
     from dpolab.evaluate.summary import eval_table
 
-    stdout.print(eval_table(result))
+    stdout.print(reward_table(result) if result["method"] == "reward" else eval_table(result))
