@@ -187,3 +187,38 @@ def test_the_cli_evaluates_a_reward_run_and_refuses_to_chat_with_or_export_it(re
                            capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "pairwise accuracy (95% CI)" in shown.stdout and "held-out pairs (n)" in shown.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_reward_run_on_real_hh_pairs_with_the_embedded_model(hh_path, tmp_path, tokenizer, embedded_dir):
+    """2 steps on the shared HH pairs: a complete run folder, eval on it, and model/ loads without dpolab's help."""
+    from transformers import AutoModelForSequenceClassification
+
+    from dpolab import EMBEDDED_MODEL
+    from dpolab.evaluate.run import EvalOptions, run_eval
+
+    data = tmp_path / "hh"
+    prepare_data(DataConfig(dataset=str(hh_path), template="raw", max_length=256, limit=40, test_size=0.2), data,
+                 tokenizer=tokenizer)
+    run = tmp_path / "rm"
+    result = run_training(TrainConfig(output_dir=run, model=EMBEDDED_MODEL, method="reward", max_steps=2, batch_size=4,
+                                      learning_rate=1e-5, report_to=[], data=DataConfig(dataset=str(data)),
+                                      center_rewards_coefficient=0.01))
+    for name in ("config.yaml", "data_report.json", "metrics.json", "trainer_state.json", "model/model.safetensors",
+                 "model/config.json", "model/tokenizer.json", "model/dpolab.json"):
+        assert (run / name).is_file(), name
+    assert result.metrics["best"]["loss"] == result.metrics["best"]["loss"] and "accuracy" in result.metrics["best"]
+    model = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    evaluation = run_eval(EvalOptions(target=str(run)))
+    test = load_prepared(data).split("test")
+    m = evaluation["metrics"]["policy"]
+    assert m["pairs"] == len(test) > 0 and m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"] + 1e-12
+    record = test[0]  # the first pair, scored by the loaded model alone, as anyone would score it
+    with torch.no_grad():
+        alone = [model(torch.tensor([record["prompt_ids"] + record[side]])).logits.item()
+                 for side in ("chosen_ids", "rejected_ids")]
+    got = [evaluation["scores"]["chosen"][0], evaluation["scores"]["rejected"][0]]
+    assert got == pytest.approx(alone, abs=1e-4)
+    assert json.loads((run / "eval" / "eval.json").read_text())["method"] == "reward"

@@ -22,7 +22,8 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: RUN/eval)."),
     beta: Optional[float] = typer.Option(None, help="Beta for implicit rewards (default: the run's)."),
 ) -> None:
-    """Evaluate a tuned model against its reference: preference accuracy, margins, generations, report.html."""
+    """Evaluate a tuned model against its reference: preference accuracy, margins, generations, report.html. A reward
+    run (--method reward) is scored on the held-out pairs instead: pairwise accuracy with its 95% interval, margins."""
     from dpolab.evaluate.run import EvalOptions, run_eval
 
     result = run_eval(EvalOptions(target=target, reference=reference, data=data, prompts=prompts, n_prompts=n_prompts,
