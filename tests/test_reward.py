@@ -222,3 +222,20 @@ def test_reward_run_on_real_hh_pairs_with_the_embedded_model(hh_path, tmp_path, 
     got = [evaluation["scores"]["chosen"][0], evaluation["scores"]["rejected"][0]]
     assert got == pytest.approx(alone, abs=1e-4)
     assert json.loads((run / "eval" / "eval.json").read_text())["method"] == "reward"
+
+
+def test_a_margin_column_reaches_the_loss(tiny_llama, tokenizer, tmp_path):
+    rows = [{"prompt": f"Question {i}: what is {i} plus one?", "chosen": f"It is {i + 1}.", "rejected": "No.",
+             "margin": (i % 3) * 0.5} for i in range(16)]
+    rows += [{"prompt": "Q?", "chosen": "A.", "rejected": "B.", "margin": "lots"}]
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    report = prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.25), tmp_path / "data",
+                          tokenizer=tokenizer)
+    assert report["dropped"] == {"bad_margin": 1}  # "lots" is no number: the row is accounted for, not trained on
+    test = load_prepared(tmp_path / "data").split("test")
+    assert {r["margin"] for r in test} <= {0.0, 0.5, 1.0}
+    result = run_training(_cfg(tiny_llama, tmp_path / "data", tmp_path / "run", max_steps=2))
+    chosen, rejected = _scores_alone(tmp_path / "run" / "model", test)
+    expected = sum(torch.nn.functional.softplus(torch.tensor(r["margin"] - (c - j))).item()
+                   for r, c, j in zip(test, chosen, rejected)) / len(test)  # −log σ(Δ − m)
+    assert result.metrics["best"]["loss"] == pytest.approx(expected, abs=1e-5)
