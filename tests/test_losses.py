@@ -137,3 +137,21 @@ def test_kto_by_hand():
                                torch.tensor([True, False]), beta=0.1, desirable_weight=1.5, undesirable_weight=0.5)
     assert losses.tolist() == pytest.approx([1.5 * (1 - _sig(0.1 * (0.5 - 0.2))), 0.5 * (1 - _sig(0.1 * (0.2 + 0.5)))])
     assert rewards.tolist() == pytest.approx([0.05, -0.05])
+
+
+def test_reward_loss_by_hand():
+    from dpolab.engine.losses import reward_loss
+
+    chosen, rejected = _t(1.5, -0.5), _t(0.5, 0.5)  # differences 1 and -1
+    # −log σ(1) = log(1 + e^−1) = 0.3132616875; −log σ(−1) = log(1 + e) = 1.3132616875
+    assert reward_loss(chosen, rejected).tolist() == pytest.approx([0.3132616875, 1.3132616875], abs=1e-9)
+    # margin 0.5 and 0: −log σ(1 − 0.5) = log(1 + e^−0.5) = 0.4740769842
+    with_margin = reward_loss(chosen, rejected, margin=_t(0.5, 0.0))
+    assert with_margin.tolist() == pytest.approx([0.4740769842, 1.3132616875], abs=1e-9)
+    # centring, c = 0.01: + 0.01·(1.5 + 0.5)² = 0.04 and + 0.01·(−0.5 + 0.5)² = 0
+    centred = reward_loss(chosen, rejected, center_rewards_coefficient=0.01)
+    assert centred.tolist() == pytest.approx([0.3532616875, 1.3132616875], abs=1e-9)
+    both = reward_loss(chosen, rejected, _t(0.5, 0.0), 0.01)
+    assert both.tolist() == pytest.approx([0.5140769842, 1.3132616875], abs=1e-9)
+    # equal scores: ln 2 whatever the offset (without centring the pair's offset is free)
+    assert reward_loss(_t(7.0), _t(7.0)).item() == pytest.approx(math.log(2))

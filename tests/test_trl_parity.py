@@ -275,3 +275,91 @@ def test_kto_matches_trl(tiny_llama, tmp_path):
         loss.backward()
         assert abs(loss.item() - trl_loss.item()) <= 1e-5 * max(1.0, abs(trl_loss.item())), layout
         _assert_gradients_equal(policy, trl.model)
+
+
+# ------------------------------------------------------------------------- reward model (Bradley–Terry)
+# (RewardConfig options, per-pair margins or None): plain, TRL's `margin` column, centring, both.
+REWARD_CASES = [({}, None), ({}, [0.5, 0.0, 1.0, -0.25]), ({"center_rewards_coefficient": 0.01}, None),
+                ({"center_rewards_coefficient": 0.01}, [0.5, 0.0, 1.0, -0.25])]
+
+
+def _trl_reward(model_dir, tmp_path, options, margins):
+    import copy
+
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, attn_implementation="sdpa")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # away from the initialization, the score head included
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    ours = copy.deepcopy(model)
+    rows = [dict(p, margin=m) for p, m in zip(PAIRS, margins)] if margins else PAIRS
+    args = RewardConfig(output_dir=str(tmp_path / "reward"), bf16=False, use_cpu=True, report_to="none",
+                        per_device_train_batch_size=len(PAIRS), dataloader_num_workers=0, max_length=None, **options)
+    trl = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                        processing_class=AutoTokenizer.from_pretrained(model_dir))
+    ours.config.pad_token_id = trl.processing_class.pad_token_id  # as dpolab's loader sets it
+    return trl, ours
+
+
+def _split_prompt(chosen_ids: list[int], rejected_ids: list[int]) -> dict:
+    """TRL tokenizes prompt+response whole; dpolab's pair is (prompt, chosen, rejected): the common prefix is the
+    prompt, leaving each response at least one token. The sequences are the same either way."""
+    n = 0
+    while n < min(len(chosen_ids), len(rejected_ids)) - 1 and chosen_ids[n] == rejected_ids[n]:
+        n += 1
+    return {"prompt_ids": chosen_ids[:n], "chosen_ids": chosen_ids[n:], "rejected_ids": rejected_ids[n:]}
+
+
+def _reward_batch(pairs, layout, pad_id, margins):
+    batch = packed_batch(pairs, pad_id, 64) if layout == "packed" else padded_batch(pairs, pad_id)
+    if margins is not None:
+        batch["margin"] = torch.tensor(margins, dtype=torch.float32)
+    return batch
+
+
+@pytest.mark.parametrize("options,margins", REWARD_CASES, ids=["plain", "margin", "centred", "centred+margin"])
+def test_reward_model_matches_trl(tiny_llama, tmp_path, options, margins):
+    trl, ours_init = _trl_reward(tiny_llama, tmp_path, options, margins)
+    trl.model.train()
+    rows = [trl.train_dataset[i] for i in range(len(PAIRS))]
+    keys = ("chosen_ids", "rejected_ids") + (("margin",) if margins else ())
+    tokenized = [{k: row[k] for k in keys} for row in rows]
+    assert all(t["chosen_ids"][-1] == trl.processing_class.eos_token_id for t in tokenized)  # EOS = pad: pooled before it
+    expected = []
+    for t in tokenized:
+        trl._metrics["train"].clear()
+        with torch.no_grad():
+            loss = trl.compute_loss(trl.model, trl.data_collator([t]))
+        expected.append([loss.item(), trl._metrics["train"]["margin"][-1], trl._metrics["train"]["mean_reward"][-1]])
+    expected = torch.tensor(expected, dtype=torch.float64)
+    assert expected[:, 1].abs().min() > 1e-3 and expected[:, 0].std() > 0  # scores that differ: a live score head
+    trl.model.zero_grad()
+    trl_loss = trl.compute_loss(trl.model, trl.data_collator(tokenized))
+    trl_loss.backward()
+
+    pairs = [_split_prompt(t["chosen_ids"], t["rejected_ids"]) for t in tokenized]
+    settings = MethodSettings(beta=0.1, method="reward",
+                              center_rewards_coefficient=options.get("center_rewards_coefficient"))
+    pad_id = trl.processing_class.pad_token_id
+    for layout in ("padded", "packed"):
+        import copy
+
+        model = copy.deepcopy(ours_init).train()
+        got = []
+        for i, pair in enumerate(pairs):
+            with torch.no_grad():
+                loss, m = preference_step(model, _reward_batch([pair], layout, pad_id, margins and margins[i:i + 1]),
+                                          settings)
+            got.append([loss.item(), m["margin"].item(), m["mean_reward"].item()])
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected, atol=1e-5, rtol=1e-5,
+                                   msg=lambda msg: f"{layout}: {msg}")
+        loss, _ = preference_step(model, _reward_batch(pairs, layout, pad_id, margins), settings)
+        loss.backward()
+        assert abs(loss.item() - trl_loss.item()) <= 1e-5 * max(1.0, abs(trl_loss.item())), layout
+        _assert_gradients_equal(model, trl.model)
+        assert model.score.weight.grad.abs().max() > 0

@@ -15,7 +15,7 @@ Template = Literal["qa", "raw", "chat"]
 Shape = Literal["auto", "explicit", "hh", "conversational", "unpaired"]
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
-Method = Literal["dpo", "simpo", "cpo", "orpo", "kto"]
+Method = Literal["dpo", "simpo", "cpo", "orpo", "kto", "reward"]
 Layout = Literal["packed", "padded"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -73,7 +73,8 @@ class TrainConfig(_Frozen):
     model: str = EMBEDDED_MODEL
     ref_model: str | None = Field(None, description="Separate reference model; default: a frozen copy of `model`.")
     data: DataConfig = DataConfig()
-    method: Method = Field("dpo", description="dpo (a frozen reference) | simpo | cpo | orpo (reference-free) | kto (unpaired).")
+    method: Method = Field("dpo", description="dpo (a frozen reference) | simpo | cpo | orpo (reference-free) | kto "
+                                              "(unpaired) | reward (a Bradley–Terry reward model: a score head).")
     loss_type: LossType | list[LossType] = Field("sigmoid", description="dpo: one TRL loss_type, or several combined.")
     loss_weights: list[float] | None = Field(None, description="dpo: a weight per loss_type (default 1 each).")
     beta: float = Field(0.1, gt=0, description="β: DPO/KTO/SimPO/CPO temperature; ORPO's λ.")
@@ -84,6 +85,9 @@ class TrainConfig(_Frozen):
     cpo_alpha: float | None = Field(None, ge=0, description="cpo/simpo: weight of the chosen NLL (default cpo 1, simpo 0).")
     desirable_weight: float = Field(1.0, gt=0, description="kto: λ_D, weight of desirable examples.")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: λ_U, weight of undesirable examples.")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="reward: c of the c·(r_chosen + r_rejected)² term pulling rewards to mean zero (TRL "
+                                "recommends 0.01; default off).")
     learning_rate: float = Field(1e-3, gt=0)
     lr_scheduler: str = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -145,7 +149,8 @@ class TrainConfig(_Frozen):
         dpo_only = [name for name in ("loss_weights", "ld_alpha") if getattr(self, name) is not None]
         if self.method != "dpo" and ("loss_type" in given and self.loss_types != ("sigmoid",) or dpo_only):
             raise ValueError(f"loss_type/loss_weights/ld_alpha choose among DPO losses; method={self.method} has its own")
-        if self.method in ("simpo", "cpo", "orpo") and self.ref_model is not None:
+        self._check_reward()
+        if self.method in ("simpo", "cpo", "orpo", "reward") and self.ref_model is not None:
             raise ValueError(f"method={self.method} is reference-free: drop ref_model")
         if self.cpo_alpha is not None and self.method not in ("cpo", "simpo"):
             raise ValueError("cpo_alpha applies to method cpo or simpo")
@@ -159,6 +164,20 @@ class TrainConfig(_Frozen):
             raise ValueError(f"label_smoothing applies to loss types {', '.join(SMOOTHED)} and methods simpo, cpo")
         if "exo_pair" in self.loss_types and not self.label_smoothing:
             raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+
+    def _check_reward(self) -> None:
+        # A reward model has no temperature and no other method's weights: a value for them would be silently unused.
+        # Compared with the defaults (not "given"), so that a run's own config.yaml, which lists them all, loads.
+        if self.center_rewards_coefficient is not None and self.method != "reward":
+            raise ValueError("center_rewards_coefficient applies to method reward")
+        if self.method != "reward":
+            return
+        foreign = [name for name in ("beta", "simpo_gamma", "desirable_weight", "undesirable_weight")
+                   if getattr(self, name) != type(self).model_fields[name].default]
+        if foreign:
+            raise ValueError(f"method reward has a score head and no β: drop {', '.join(foreign)}")
+        if self.data.unpaired:
+            raise ValueError("method reward trains on pairs (chosen vs rejected): drop data.unpaired")
 
     def _check_saves_match_evaluations(self) -> None:
         # model/ is the best checkpoint by eval_loss, so a checkpoint must exist at every evaluation.

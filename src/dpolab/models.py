@@ -149,6 +149,25 @@ def load_model(name: str, dtype=None):
         raise _hub_error(name, exc) from None
 
 
+def load_reward_model(name: str, pad_token_id: int | None, seed: int = 0, dtype=None):
+    """A reward model as TRL's RewardTrainer builds one: `AutoModelForSequenceClassification` with num_labels=1, i.e.
+    the causal LM's decoder under a hidden→1 `score` head (a base checkpoint's lm_head is dropped and the head drawn
+    fresh, under `seed` so that a run is reproducible; a reward model's own checkpoint loads whole). SDPA attention, as
+    `load_model`. `pad_token_id` goes into the config: the head pools at the last token that is not padding."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    resolved = resolve_model(name)
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolved, num_labels=1, dtype=dtype or torch.float32, attn_implementation="sdpa", use_safetensors=True)
+    except OSError as exc:
+        raise _hub_error(name, exc) from None
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
 def weights_fingerprint(name: str) -> str:
     """Content hash of a model's weight files (keys the reference log-prob cache)."""
     resolved = Path(resolve_model(name))

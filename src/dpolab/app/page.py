@@ -82,6 +82,8 @@ def open_model(name: str) -> tuple[RunInfo, Loaded]:
         raise ModelProblem(f"no folder `{path.name}` in `{path.parent}`")
     try:
         info = load_run_info(name)
+        if info.method == "reward":  # a score head: nothing to chat with (the CLI refuses it before serving)
+            raise ModelProblem("a reward model (method reward) scores answers and cannot generate any")
         return info, load(info.model)
     except Exception as exc:  # every failure becomes a message on the page, never a traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -25,13 +25,15 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: RUN/eval)."),
     beta: Optional[float] = typer.Option(None, help="Beta for implicit rewards (default: the run's)."),
 ) -> None:
-    """Evaluate a tuned model against its reference: preference accuracy, margins, generations, report.html.
+    """Evaluate a tuned model against its reference: preference accuracy, margins, generations, report.html. A reward
+    run (--method reward) is scored on the held-out pairs instead: pairwise accuracy, margins.
 
     Every accuracy and win rate is shown with its 95% interval (Wilson; ties count half) and its n."""
     from dpolab.evaluate.run import EvalOptions, run_eval
 
     result = run_eval(EvalOptions(target=target, reference=reference, data=data, prompts=prompts, n_prompts=n_prompts,
                                   max_new_tokens=max_new_tokens, seed=seed, judge=judge, out=out, beta=beta))
+    from dpolab.evaluate.reward import reward_table
     from dpolab.evaluate.summary import eval_table
 
-    stdout.print(eval_table(result))
+    stdout.print(reward_table(result) if result["method"] == "reward" else eval_table(result))

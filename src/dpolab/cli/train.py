@@ -19,7 +19,8 @@ def train(
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Prepared folder, or a raw source (prepared on the fly)."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default: runs/dpo)."),
     ref_model: Optional[str] = typer.Option(None, help="Separate reference model (default: frozen copy of --model)."),
-    method: Optional[str] = typer.Option(None, help="dpo | simpo | cpo | orpo (reference-free) | kto (unpaired data) (default: dpo)."),
+    method: Optional[str] = typer.Option(None, help="dpo | simpo | cpo | orpo (reference-free) | kto (unpaired data) | "
+                                         "reward (a Bradley–Terry reward model) (default: dpo)."),
     loss_type: Optional[str] = typer.Option(None, help="dpo: sigmoid | hinge | ipo | exo_pair | nca_pair | robust | bco_pair | "
                                             "sppo_hard | aot | aot_unpaired | apo_zero | apo_down | discopop | sft | "
                                             "sigmoid_norm, or several comma-separated (default: sigmoid)."),
@@ -31,6 +32,8 @@ def train(
     cpo_alpha: Optional[float] = typer.Option(None, help="cpo/simpo: weight of the chosen NLL (default: cpo 1, simpo 0)."),
     desirable_weight: Optional[float] = typer.Option(None, help="kto: weight of desirable examples (default: 1)."),
     undesirable_weight: Optional[float] = typer.Option(None, help="kto: weight of undesirable examples (default: 1)."),
+    center_rewards_coefficient: Optional[float] = typer.Option(
+        None, help="reward: c of c·(r_chosen + r_rejected)², pulling rewards to mean zero (TRL suggests 0.01; default off)."),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="AdamW learning rate (default: 1e-3)."),
     batch_size: Optional[int] = typer.Option(None, help="Pairs per device per step (default: 8)."),
     grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps (default: 1)."),
@@ -47,8 +50,8 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config and plan; load no weights."),
     num_processes: int = typer.Option(1, "--num-processes", help="Launch this many processes with torchrun (DDP; gloo on CPU)."),
 ) -> None:
-    """Train a policy with DPO (or SimPO, CPO, ORPO, KTO: --method); writes a run folder with model/ in Hugging Face
-    format.
+    """Train a policy with DPO (or SimPO, CPO, ORPO, KTO: --method), or a reward model (--method reward); writes a run
+    folder with model/ in Hugging Face format.
 
     Runs unchanged under `accelerate launch` or `torchrun`; --num-processes N launches torchrun for you."""
     if num_processes > 1 and "LOCAL_RANK" not in os.environ and not dry_run:
@@ -73,8 +76,8 @@ def train(
 # CLI option -> config key (dotted for nested ones).
 OVERRIDES = {name: name for name in (
     "model", "output_dir", "ref_model", "method", "loss_type", "loss_weights", "beta", "label_smoothing", "ld_alpha",
-    "simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight", "learning_rate", "batch_size", "grad_accum",
-    "epochs", "max_steps", "layout", "precision", "seed")} | {"dataset": "data.dataset", "template": "data.template",
+    "simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
+    "learning_rate", "batch_size", "grad_accum", "epochs", "max_steps", "layout", "precision", "seed")} | {"dataset": "data.dataset", "template": "data.template",
                                                              "max_length": "data.max_length", "lora_r": "lora.r"}
 
 

@@ -50,7 +50,12 @@ def app_command(
 
 def check_loadable(name: str) -> None:
     """Fail before starting a server for a model the page could not load (a Hub id is left to the page)."""
+    from dpolab.errors import UsageError
     from dpolab.folders.info import load_run_info
     from dpolab.models import check_model_folder
 
-    check_model_folder(load_run_info(name).model)
+    info = load_run_info(name)
+    if info.method == "reward":
+        raise UsageError(f"{name} is a reward model (method reward): it scores answers and cannot generate any; chat "
+                         "with a policy run")
+    check_model_folder(info.model)

@@ -182,6 +182,8 @@ def _pair_records(config: DataConfig, item: _Kept, p: list[int], c: list[int], r
     record = {**_base(item, tok.prompt_ids), "id": pair_id(tok.prompt_ids, tok.chosen_ids, tok.rejected_ids),
               "chosen": item.texts[1], "rejected": item.texts[2], "chosen_ids": tok.chosen_ids,
               "rejected_ids": tok.rejected_ids}
+    if item.row.margin is not None:
+        record["margin"] = item.row.margin
     return [record], cut
 
 
@@ -345,12 +347,14 @@ def _write_parquet(records: list[dict], path: Path, unpaired: bool = False) -> N
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # `label` only for unpaired data: paired folders stay byte-identical to those of earlier versions.
+    # `label` only for unpaired data, `margin` only when a row had one: other paired folders stay byte-identical to
+    # those of earlier versions. A pair without a margin among pairs with one gets 0 (no required gap).
+    margins = any("margin" in r for r in records)
     columns = ["id", "prompt", "chosen", "rejected", "messages", "prompt_text", "prompt_ids", "chosen_ids",
-               "rejected_ids", "source", "line"] + (["label"] if unpaired else [])
-    types = {"line": pa.int64(), "label": pa.bool_()}
+               "rejected_ids", "source", "line"] + (["label"] if unpaired else []) + (["margin"] if margins else [])
+    types = {"line": pa.int64(), "label": pa.bool_(), "margin": pa.float64()}
     schema = pa.schema([(c, pa.list_(pa.int32()) if c.endswith("_ids") else types.get(c, pa.string())) for c in columns])
-    table = pa.table({c: [r[c] for r in records] for c in columns}, schema=schema)
+    table = pa.table({c: [r.get(c, 0.0) if c == "margin" else r[c] for r in records] for c in columns}, schema=schema)
     pq.write_table(table, path)
 
 

@@ -4,10 +4,12 @@ or one `Unpaired` row (prompt, completion, boolean label: KTO data, TRL's unpair
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+MARGIN = "margin"  # TRL's RewardTrainer column name
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -21,10 +23,11 @@ class Prompted:
 
 @dataclass(frozen=True)
 class Pair(Prompted):
-    """One preference pair."""
+    """One preference pair; `margin`: the score gap a reward model should put between them (TRL's optional column)."""
 
     chosen: str
     rejected: str
+    margin: float | None = None
 
 
 @dataclass(frozen=True)
@@ -186,10 +189,27 @@ def parse_unpaired(row: dict[str, Any], cols: Columns, text_labels: bool = False
     return Unpaired(messages, prompt_text, completion, _label(row, cols.label, text_labels))
 
 
+def _margin(value: Any) -> float:
+    # CSV cells are text, so a numeric string is taken as its number; a bool is no margin.
+    try:
+        margin = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else math.nan
+    except ValueError:
+        margin = math.nan
+    if not math.isfinite(margin):
+        raise Drop("bad_margin", f"margin must be a finite number, got {value!r}")
+    return margin
+
+
 def parse_row(row: dict[str, Any], shape: str, cols: Columns, text_labels: bool = False) -> Pair | Unpaired:
-    """One raw row of `shape` -> a `Pair` (or `Unpaired` for shape 'unpaired'), or `Drop` with the reason."""
+    """One raw row of `shape` -> a `Pair` (or `Unpaired` for shape 'unpaired'), or `Drop` with the reason. A pair
+    row's `margin` value, when it has one, is kept (a reward model's loss reads it)."""
     if shape == "unpaired":
         return parse_unpaired(row, cols, text_labels)
+    pair = _parse_pair(row, shape, cols)
+    return pair if row.get(MARGIN) is None else replace(pair, margin=_margin(row[MARGIN]))
+
+
+def _parse_pair(row: dict[str, Any], shape: str, cols: Columns) -> Pair:
     if shape == "explicit":
         prompt = _text(row, cols.prompt)
         chosen, rejected = _text(row, cols.chosen), _text(row, cols.rejected)

@@ -9,6 +9,10 @@ packed: each pair once as `prompt · chosen · rejected`; the pairs of a batch a
 On the HH train split (batches of 8 pairs): padded computes 3.6x the unique tokens; packed with budget 1024 keeps
 97% of computed tokens useful (first-fit rows padded to the widest kept only 77%). One forward per step, so the
 same path runs under DDP/FSDP/DeepSpeed (they need every forward to go through the wrapped model).
+Both also give `score_index` (2B,): where a reward model reads each sequence's score (chosen 0..B-1, then rejected),
+as flat indices into (rows·width). It is the sequence's last token that is not `pad_id`, the position
+`AutoModelForSequenceClassification` pools at (the rightmost non-pad token), so a saved reward model scores a text
+exactly as it was trained to. With pad = EOS (SmolLM2) that is the token before the response's EOS, as in TRL.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ def _finish(n_pairs: int, width: int, keep: torch.Tensor, entries: list[tuple[in
             "n_seqs": max((e[0] for e in entries), default=2 * n_pairs - 1) + 1}
 
 
+def last_real(ids: Sequence[int], pad_id: int) -> int:
+    """Index of the last token of `ids` that is not `pad_id`; -1 when there is none."""
+    return next((i for i in range(len(ids) - 1, -1, -1) if ids[i] != pad_id), -1)
+
+
 def padded_batch(pairs: Sequence[dict[str, Any]], pad_id: int, prompt_targets: bool = False) -> dict[str, Any]:
     """`prompt_targets`: also gather the prompt's own tokens (from its second on) as sequences 2B..3B-1, for a
     loss that counts them (TRL's ORPO NLL runs over prompt and response)."""
@@ -50,8 +59,9 @@ def padded_batch(pairs: Sequence[dict[str, Any]], pad_id: int, prompt_targets: b
     input_ids = torch.full((2 * n, width), pad_id, dtype=torch.long)  # (2B, T)
     attention_mask = torch.zeros((2 * n, width), dtype=torch.long)  # (2B, T)
     keep = torch.zeros((2 * n, width), dtype=torch.bool)  # (2B, T)
-    entries = []
+    entries, score_index = [], []
     for row, seq in enumerate(sequences):
+        score_index.append(row * width + max(last_real(seq, pad_id), 0))  # no real token: 0, as transformers'
         input_ids[row, : len(seq)] = torch.tensor(seq)
         attention_mask[row, : len(seq)] = 1
         pair = pairs[row % n]
@@ -63,7 +73,8 @@ def padded_batch(pairs: Sequence[dict[str, Any]], pad_id: int, prompt_targets: b
             keep[row, : start] = True
             entries.append((2 * n + row, row, pair["prompt_ids"][1:], 0, 1))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "real_tokens": int(attention_mask.sum()),
-            "computed_tokens": input_ids.numel(), **_finish(n, width, keep, entries)}
+            "computed_tokens": input_ids.numel(), "score_index": torch.tensor(score_index, dtype=torch.long),
+            **_finish(n, width, keep, entries)}
 
 
 def balance_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -90,6 +101,7 @@ def packed_batch(pairs: Sequence[dict[str, Any]], pad_id: int, token_budget: int
     kind = torch.full((len(rows), width), PAD, dtype=torch.long)  # (R, L)
     keep = torch.zeros((len(rows), width), dtype=torch.bool)  # (R, L)
     entries = []
+    score_index = torch.zeros(2 * n, dtype=torch.long)  # (2B,)
     for r, row in enumerate(rows):
         offset = 0
         for index in row:
@@ -105,6 +117,11 @@ def packed_batch(pairs: Sequence[dict[str, Any]], pad_id: int, token_budget: int
             keep[r, rejected_start : rejected_start + len(rj) - 1] = True  # predicts rejected[1:]
             entries.append((index, r, c, last_prompt, last_prompt + 1))
             entries.append((n + index, r, rj, last_prompt, rejected_start))
+            score_index[index] = r * width + offset + max(last_real(p + c, pad_id), 0)
+            # The rejected sequence is prompt · rejected; its last real token may sit in the shared prompt.
+            in_rejected = last_real(rj, pad_id)
+            position = rejected_start + in_rejected if in_rejected >= 0 else offset + max(last_real(p, pad_id), 0)
+            score_index[n + index] = r * width + position
             if prompt_targets and len(p) > 1:  # the shared prompt's tokens, counted once (see padded_batch)
                 keep[r, offset:last_prompt] = True
                 entries.append((2 * n + index, r, p[1:], offset, offset + 1))
@@ -115,7 +132,8 @@ def packed_batch(pairs: Sequence[dict[str, Any]], pad_id: int, token_budget: int
     mask &= ~((kind[:, :, None] == REJECTED) & (kind[:, None, :] == CHOSEN))
     mask |= torch.eye(width, dtype=torch.bool)
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None],
-            "real_tokens": sum(lengths), "computed_tokens": input_ids.numel(), **_finish(n, width, keep, entries)}
+            "real_tokens": sum(lengths), "computed_tokens": input_ids.numel(), "score_index": score_index,
+            **_finish(n, width, keep, entries)}
 
 
 def to_device(batch: Any, device) -> Any:

@@ -146,15 +146,20 @@ def _head_swapped(model, head):
         setattr(owner, name, head)
 
 
-def batch_token_logps(model, batch: dict, chunk: int = 1024) -> torch.Tensor:
-    """One forward on a layout batch; the log-prob of every response token, (N,)."""
+def model_inputs(model, batch: dict) -> dict:
+    """The model's inputs of a layout batch, after checking that its attention honours the packed 4D mask."""
     mask = batch.get("attention_mask")
     implementation = _config(model)._attn_implementation
     if mask is not None and mask.dim() == 4 and implementation not in PACKED_ATTENTION:
         # Measured: eager attention does not honour the custom 4D mask the same way (log-probs off by ~1 nat).
         raise ValueError(f"the packed layout needs attention in {PACKED_ATTENTION} (the model uses {implementation!r}); "
                          f"load it with attn_implementation='sdpa' or use layout padded")
-    inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
+def batch_token_logps(model, batch: dict, chunk: int = 1024) -> torch.Tensor:
+    """One forward on a layout batch; the log-prob of every response token, (N,)."""
+    inputs = model_inputs(model, batch)
     head = fused_head(model)
     with _head_swapped(model, head) if head is not None else contextlib.nullcontext():
         out = model(**inputs, logits_to_keep=batch["logits_to_keep"], use_cache=False).logits  # (K, H) or (K, V)

@@ -4,6 +4,7 @@ DPO family (a frozen reference): every `loss_type` of TRL 1.16's DPOTrainer, eac
 below, combined by `loss_weights` (e.g. MPO: sigmoid + bco_pair + sft at 0.8/0.2/1.0). Reference-free: SimPO, CPO,
 ORPO. Unpaired: KTO. Where TRL departs from a paper, TRL is followed (it is the oracle the tests compare with) and
 the comment says so. The implicit rewards each method reports are returned beside its losses, as TRL logs them.
+Reward models: `reward_loss`, the Bradley–Terry loss on explicit scores (a score head's output) instead of log-probs.
 """
 
 from __future__ import annotations
@@ -222,3 +223,22 @@ def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
     """z_ref before its clamp: the mean log-ratio of mismatched (prompt, completion) pairs, detached (KTO §4.1). The
     caller averages it over processes, then clamps it at 0, as TRL does."""
     return (kl_logps - ref_kl_logps).mean().detach()
+
+
+# ---------------------------------------------------------------------------------------------- reward model
+def reward_loss(
+    chosen: torch.Tensor,  # (B,) r(x, y_w): the score head's output at the chosen sequence's last token
+    rejected: torch.Tensor,  # (B,) r(x, y_l)
+    margin: torch.Tensor | None = None,  # (B,) required score gap m per pair (TRL's optional `margin` column)
+    center_rewards_coefficient: float | None = None,
+) -> torch.Tensor:
+    """Bradley–Terry reward-model loss per pair, (B,): −log σ(r_w − r_l − m) (Ouyang et al. 2022, eq. 1; the margin
+    m as in Llama 2, Touvron et al. 2023, eq. 2), plus c·(r_w + r_l)² when centring (Eisenstein et al. 2023, eq. 2:
+    pulls the rewards towards mean zero, as the pair's difference alone leaves their offset free).
+
+    The batch loss is the mean, which is TRL 1.16's RewardTrainer loss: mean(−log σ(·)) + c·mean((r_w + r_l)²)."""
+    delta = chosen - rejected if margin is None else chosen - rejected - margin.to(chosen)
+    losses = -F.logsigmoid(delta)
+    if center_rewards_coefficient:
+        losses = losses + center_rewards_coefficient * (chosen + rejected) ** 2
+    return losses

@@ -5,6 +5,7 @@ loss function plus the few lines here that feed it.
 Every method runs on the same layouts (packed prefix-shared or padded) and the same batch: a pair is
 (prompt, chosen, rejected); for KTO an example is (prompt, completion, KL completion) with a `labels` flag, the KL
 completion being another example's (data/prepare.py), so the KL term shares the prompt's forward too.
+A reward model reads scores instead of log-probs (engine/scores.py): `READS` says what each method reads.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import torch
 
 from dpolab.engine import losses as L
 from dpolab.engine.logprobs import batch_token_logps, per_sequence
+from dpolab.engine.scores import batch_scores
 
-METHODS = ("dpo", "simpo", "cpo", "orpo", "kto")
-REFERENCE_FREE = ("simpo", "cpo", "orpo")  # no reference model, no reference pass, no cache
+METHODS = ("dpo", "simpo", "cpo", "orpo", "kto", "reward")
+REFERENCE_FREE = ("simpo", "cpo", "orpo", "reward")  # no reference model, no reference pass, no cache
+SCORED = ("reward",)  # a sequence-classification model (a score head), not a causal LM
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class MethodSettings:
     cpo_alpha: float = 0.0  # weight of the chosen NLL (cpo; simpo with cpo_alpha > 0 is CPO-SimPO)
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    center_rewards_coefficient: float | None = None  # reward: c of c·(r_w + r_l)²
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -130,14 +134,30 @@ def _kto(lp: _Logps, batch, s: MethodSettings, gather):
     return losses.mean(), metrics
 
 
-STEPS = {"dpo": _dpo, "simpo": _reference_free, "cpo": _reference_free, "orpo": _reference_free, "kto": _kto}
+def _reward(scores: torch.Tensor, batch, s: MethodSettings, gather):
+    pairs = scores.shape[0] // 2
+    chosen, rejected = scores[:pairs], scores[pairs:]
+    margin = batch.get("margin")
+    losses = L.reward_loss(chosen, rejected, margin, s.center_rewards_coefficient)
+    chosen_r, rejected_r = chosen.detach(), rejected.detach()
+    # TRL's RewardTrainer names (accuracy, margin, mean_reward; eval_ prefixed at evaluation), per pair here so that
+    # their logged means are TRL's batch means; ties count half, as everywhere in dpolab (TRL: strictly greater).
+    return losses.mean(), {"accuracy": _accuracy(chosen_r, rejected_r), "margin": chosen_r - rejected_r,
+                           "mean_reward": (chosen_r + rejected_r) / 2, "rewards/chosen": chosen_r,
+                           "rewards/rejected": rejected_r}
+
+
+STEPS = {"dpo": _dpo, "simpo": _reference_free, "cpo": _reference_free, "orpo": _reference_free, "kto": _kto,
+         "reward": _reward}
+READS = {"reward": batch_scores}  # what a step reads from the model; the others read batch_sequence_logps
 
 
 def preference_step(model, batch: dict[str, Any], settings: MethodSettings, gather=lambda t: t
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and TRL-named metrics (per pair/example, (B,) each) of one batch. `gather` averages a scalar over
     processes (the trainer passes accelerate's gather; one process: identity)."""
-    return STEPS[settings.method](batch_sequence_logps(model, batch), batch, settings, gather)
+    read = READS.get(settings.method, batch_sequence_logps)
+    return STEPS[settings.method](read(model, batch), batch, settings, gather)
 
 
 def dpo_step(model, batch: dict[str, Any], settings: MethodSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

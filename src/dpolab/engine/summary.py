@@ -14,8 +14,9 @@ def run_table(result) -> Table:
     if best:
         table.add_row("best epoch", f"{m['best_epoch']:.2f}")
         table.add_row("eval loss (best)", f"{best['loss']:.4f}")
-        table.add_row("reward accuracy", f"{best.get('rewards/accuracies', float('nan')):.3f}")
-        table.add_row("reward margin", f"{best.get('rewards/margins', float('nan')):.4f}")
+        # A reward model logs TRL RewardTrainer's names (accuracy, margin); the policy methods TRL's DPO ones.
+        table.add_row("reward accuracy", f"{best.get('rewards/accuracies', best.get('accuracy', float('nan'))):.3f}")
+        table.add_row("reward margin", f"{best.get('rewards/margins', best.get('margin', float('nan'))):.4f}")
         table.add_row("rewards chosen / rejected", f"{best.get('rewards/chosen', 0):.4f} / {best.get('rewards/rejected', 0):.4f}")
     table.add_row("train loss", f"{m['train_loss']:.4f}")
     table.add_row("steps", str(m["global_step"]))

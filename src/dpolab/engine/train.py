@@ -197,11 +197,28 @@ def reference_logps(cfg: TrainConfig, runtime: Runtime, records: list[dict], pol
                                          cfg.eval_batch_size or refcache.REFERENCE_BATCH, runtime.device, meta)
 
 
-def with_lora(policy, lora):
+def load_policy(cfg: TrainConfig, tokenizer):
+    """The model trained: the causal LM, or for a reward model the same weights under a one-output score head."""
+    from dpolab.engine.methods import SCORED
+    from dpolab.models import load_model, load_reward_model
+
+    if cfg.method in SCORED:
+        return load_reward_model(cfg.model, tokenizer.pad_token_id, seed=cfg.seed)
+    return load_model(cfg.model)
+
+
+def with_lora(policy, lora, method: str = "dpo"):
     from peft import LoraConfig, get_peft_model
 
+    from dpolab.engine.methods import SCORED
+
+    # A reward model's score head is new: it trains in full and is saved with the adapter (TRL's advice for
+    # RewardTrainer: modules_to_save=["score"]); LoRA adapts the decoder only.
+    scored = method in SCORED
     return get_peft_model(policy, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+                                             target_modules=lora.target_modules,
+                                             task_type="SEQ_CLS" if scored else "CAUSAL_LM",
+                                             modules_to_save=["score"] if scored else None))
 
 
 def callbacks_for(cfg: TrainConfig, args, run: RunFolder, extra) -> list:
@@ -243,12 +260,13 @@ def _hardware() -> str:
 
 def model_meta(cfg: TrainConfig) -> dict[str, Any]:
     """model/dpolab.json: how to prompt the model and what trained it (cfg has the prepared data's settings)."""
-    from dpolab.engine.methods import REFERENCE_FREE
+    from dpolab.engine.methods import REFERENCE_FREE, SCORED
 
+    scored = cfg.method in SCORED  # a reward model has no β and no DPO loss type
     return {"template": cfg.data.template, "base_model": cfg.model, "method": cfg.method,
             "reference_model": None if cfg.method in REFERENCE_FREE else cfg.ref_model or cfg.model,
-            "dataset": cfg.data.dataset, "beta": cfg.beta, "loss_type": cfg.loss_type, "max_length": cfg.data.max_length,
-            **method_options(cfg)}
+            "dataset": cfg.data.dataset, "beta": None if scored else cfg.beta,
+            "loss_type": None if scored else cfg.loss_type, "max_length": cfg.data.max_length, **method_options(cfg)}
 
 
 def method_options(cfg: TrainConfig) -> dict[str, Any]:
@@ -263,6 +281,8 @@ def method_options(cfg: TrainConfig) -> dict[str, Any]:
         return {**gamma, "cpo_alpha": cfg.nll_weight, "label_smoothing": cfg.label_smoothing}
     if cfg.method == "kto":
         return {"desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight}
+    if cfg.method == "reward":
+        return {"center_rewards_coefficient": cfg.center_rewards_coefficient}
     return {}
 
 
@@ -273,7 +293,7 @@ def method_settings(cfg: TrainConfig):
         beta=cfg.beta, loss_type=cfg.loss_types, label_smoothing=cfg.label_smoothing, method=cfg.method,
         loss_weights=tuple(cfg.loss_weights) if cfg.loss_weights else None, discopop_tau=cfg.discopop_tau,
         simpo_gamma=cfg.simpo_gamma, cpo_alpha=cfg.nll_weight, desirable_weight=cfg.desirable_weight,
-        undesirable_weight=cfg.undesirable_weight)
+        undesirable_weight=cfg.undesirable_weight, center_rewards_coefficient=cfg.center_rewards_coefficient)
 
 
 def check_data_for_method(cfg: TrainConfig, prepared: Prepared) -> None:
@@ -362,7 +382,6 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 
     from dpolab.engine.methods import REFERENCE_FREE
     from dpolab.engine.trainer import DPOCollator
-    from dpolab.models import load_model
 
     started = time.perf_counter()
     run = RunFolder(Path(cfg.output_dir))
@@ -374,7 +393,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     check_data_for_method(cfg, prepared)
     collator = DPOCollator(cfg.layout, tokenizer.pad_token_id, cfg.token_budget or 2 * cfg.data.max_length, cfg.ld_alpha,
                            prompt_targets=cfg.method == "orpo")
-    policy = load_model(cfg.model).to(runtime.device)
+    policy = load_policy(cfg, tokenizer).to(runtime.device)
     disable_dropout(policy)
     ref, computed = None, 0
     if cfg.method not in REFERENCE_FREE:
@@ -382,7 +401,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         with args.main_process_first(desc="reference log-probs", local=False):
             ref, computed = reference_logps(cfg, runtime, train + test, policy, prepared.path, collator)
     if cfg.lora is not None:
-        policy = with_lora(policy, cfg.lora)
+        policy = with_lora(policy, cfg.lora, cfg.method)
     trainer = _trainer(cfg, args, tokenizer, collator, policy, train, test, ref, callbacks_for(cfg, args, run, callbacks))
     checkpoint = resume_point(run, args, resume)
     try:

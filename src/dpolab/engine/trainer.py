@@ -33,8 +33,8 @@ class PairDataset(torch.utils.data.Dataset):
 
 def features(records: list[dict], ref: dict[str, tuple[float, float]] | None) -> list[dict]:
     """Training features: token ids, the cached reference log-probs (0 for reference-free methods) and, for
-    unpaired data, the label."""
-    keep = ("id", "prompt_ids", "chosen_ids", "rejected_ids", "label")
+    unpaired data, the label; a reward model's pair may carry its `margin`."""
+    keep = ("id", "prompt_ids", "chosen_ids", "rejected_ids", "label", "margin")
     none = (0.0, 0.0)
     return [{**{k: r[k] for k in keep if k in r}, "ref_chosen": (ref or {}).get(r["id"], none)[0],
              "ref_rejected": (ref or {}).get(r["id"], none)[1]} for r in records]
@@ -62,6 +62,8 @@ class DPOCollator:
                                                 self.ld_alpha)
         if "label" in features[0]:
             batch["labels"] = torch.tensor([bool(f["label"]) for f in features])
+        if "margin" in features[0]:  # a reward model's required score gap per pair (TRL's `margin` column)
+            batch["margin"] = torch.tensor([float(f["margin"]) for f in features], dtype=torch.float32)
         if with_ref:
             batch["ref_chosen"] = torch.tensor([f["ref_chosen"] for f in features], dtype=torch.float64)
             batch["ref_rejected"] = torch.tensor([f["ref_rejected"] for f in features], dtype=torch.float64)

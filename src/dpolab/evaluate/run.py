@@ -251,6 +251,9 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     records, prepared = _data(info, opts, tokenizer)
     if not records:
         raise EvalError("the evaluation data has no test split (0 held-out pairs): prepare it with --test-size > 0")
+    if info.method == "reward":  # a reward model scores the pairs and generates nothing (evaluate/reward.py)
+        from dpolab.evaluate.reward import evaluate_reward
+        return evaluate_reward(info, records, prepared, tokenizer, _collator(tokenizer, records), opts, started)
     tuned = load_model(info.model).eval()
     collate = _collator(tokenizer, records)
     base_model: list = []

@@ -84,6 +84,9 @@ def export_model(source: str | Path, out: Path, overwrite: bool = False, max_sha
     quants = tuple(dict.fromkeys(quants or ("f16",)))
     _check_options(fmt, quants, adapter)
     info, name, sweep = _source(source)
+    if info.method == "reward":  # the card, GGUF and Modelfile are written for text generation
+        raise PublishError(f"{source} is a reward model (method reward): export writes generative models; its "
+                           f"model/ folder loads as it is with AutoModelForSequenceClassification")
     model_dir = Path(info.model)
     out = Path(out).expanduser()
     protected = [Path(source).expanduser().resolve(), model_dir.resolve()]
