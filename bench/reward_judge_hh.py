@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--test-size", type=float, default=0.2)
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--reward-lr", type=float, default=1e-5)
+    parser.add_argument("--reward-lr", type=float, default=1e-4, help="TRL RewardConfig's default")
     parser.add_argument("--prompts", type=int, default=40, help="held-out prompts answered by base and tuned, judged")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
@@ -85,7 +85,7 @@ def main() -> None:
         "mean_length_change_tokens": judge["mean_length_change"],
     }
     cpu_flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    settings = {**vars(args), "data": str(HH_DATA.name), "kept": report.get("kept"), "template": "raw",
+    settings = {**vars(args), "data": str(HH_DATA.name), "pairs": {k: report.get(k) for k in ("rows_in", "rows_kept", "train", "test")}, "template": "raw",
                 "reward": "lr %g, batch 8" % args.reward_lr, "dpo": "sigmoid, beta 0.1, lr 5e-6, batch 8",
                 "cpu_flags": sorted(f for f in cpu_flags if f.startswith(("avx", "amx", "fma"))),
                 "load_before": load_before, "load_after": os.getloadavg()[0]}

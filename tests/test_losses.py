@@ -109,6 +109,20 @@ def test_simpo_by_hand():
     assert (chosen_r.item(), rejected_r.item()) == (-4.0, -6.0)
 
 
+def test_alphapo_by_hand():
+    import math
+
+    from dpolab.engine.losses import alphapo_reward, simpo_loss
+
+    # r = (1 − π̄^(−α))/α: avg log-probs −2 and −3, α = 0.5 → (1 − e^1)/0.5 and (1 − e^1.5)/0.5
+    r_w, r_l = (1 - math.e) / 0.5, (1 - math.exp(1.5)) / 0.5
+    assert alphapo_reward(_t(-2.0), 0.5).item() == pytest.approx(r_w)
+    losses, chosen_r, rejected_r = simpo_loss(_t(-2.0), _t(-3.0), beta=2.0, gamma=0.5, alpha=0.5)
+    assert losses.item() == pytest.approx(_ls(2.0 * (r_w - r_l) - 0.5))
+    assert (chosen_r.item(), rejected_r.item()) == pytest.approx((2.0 * r_w, 2.0 * r_l))
+    assert alphapo_reward(_t(-2.0), 1e-6).item() == pytest.approx(-2.0, rel=1e-5)  # α → 0: SimPO's avg log π
+
+
 def test_cpo_by_hand():
     from dpolab.engine.losses import cpo_loss
 

@@ -85,6 +85,7 @@ def test_kto_refuses_paired_data_and_one_sided_labels(folders, tiny_llama, tmp_p
     ({"loss_type": "sigmoid,ipo", "loss_weights": "1"}, "1 loss_weights for 2 loss types"),
     ({"label_smoothing": 0.1}, "label_smoothing applies"),
     ({"method": "kto", "cpo_alpha": 1.0}, "cpo_alpha applies"),
+    ({"method": "cpo", "alphapo_alpha": 0.25}, "alphapo_alpha applies"),
     ({"method": "nope"}, "method"),
 ])
 def test_impossible_combinations_are_refused_at_the_edge(overrides, message):

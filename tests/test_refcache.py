@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dpolab.config import DataConfig, TrainConfig
-from dpolab.data.prepare import prepare_data
+from dpolab.data.prepare import load_prepared, prepare_data
 from dpolab.engine import refcache
 from dpolab.engine.layout import padded_batch
 from dpolab.engine.logprobs import batch_logps
@@ -119,3 +119,40 @@ def test_packed_and_padded_training_losses_agree(tiny_llama, tokenizer, tmp_path
         losses[layout] = [h["loss"] for h in history if "loss" in h]
     assert len(losses["packed"]) == 8
     assert max(abs(a - b) for a, b in zip(losses["packed"], losses["padded"])) < 1e-4
+
+
+def test_a_short_run_pays_only_for_the_pairs_it_trains_on(tiny_llama, tokenizer, tmp_path, monkeypatch):
+    """max_steps 3 × batch 2 on 30 training pairs: reference log-probs for those 6 (+ the held-out pairs), not 30 —
+    and they are exactly the pairs the trainer's loop consumed (recorded in the collator)."""
+    from dpolab.engine import trainer as T
+
+    rows = [{"prompt": f"Say {i}.", "chosen": f"{i}.", "rejected": f"Not {i + 1}."} for i in range(40)]
+    src = write_jsonl(tmp_path / "p.jsonl", rows)
+    data = tmp_path / "data"
+    prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.25), data, tokenizer=tokenizer)
+    seen = []
+    original = T.DPOCollator.__call__
+    monkeypatch.setattr(T.DPOCollator, "__call__",
+                        lambda self, features, with_ref=True: (seen.extend(f["id"] for f in features) if with_ref
+                                                              else None) or original(self, features, with_ref))
+    cfg = dict(model=str(tiny_llama), data=DataConfig(dataset=str(data)), batch_size=2, report_to=[], eval_every="no",
+               seed=7)
+    short = run_training(TrainConfig(output_dir=tmp_path / "short", max_steps=3, **cfg))
+    assert short.ref_pairs_computed == 6 + 10  # 3 steps × 2 pairs, and the 10 held-out pairs
+    cached = json.loads(next((data / "refcache").glob("*.json")).read_text())["logps"]
+    test_ids = {r["id"] for r in load_prepared(data).split("test")}
+    assert set(seen[:6]) == set(cached) - test_ids  # (the loader may collate one batch ahead, never trained on)
+    # A full epoch then computes only the 24 pairs the short run did not need.
+    full = run_training(TrainConfig(output_dir=tmp_path / "full", epochs=1, **cfg))
+    assert full.ref_pairs_computed == 24
+
+
+def test_the_collator_refuses_a_pair_without_its_reference():
+    from dpolab.engine.trainer import DPOCollator, check_reference, features
+    from dpolab.errors import TrainingError
+
+    record = {"id": "p1", "prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4]}
+    with pytest.raises(TrainingError, match="no reference log-probs for pair p1"):
+        check_reference(DPOCollator("packed", 0, 64)(features([record], {})))
+    check_reference(DPOCollator("packed", 0, 64)(features([record], {"p1": (-3.0, -4.0)})))
+    assert DPOCollator("packed", 0, 64)(features([record], None))["ref_chosen"].tolist() == [0.0]  # reference-free

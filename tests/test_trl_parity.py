@@ -149,6 +149,7 @@ RF_CASES = [("cpo", {"loss_type": "sigmoid", "cpo_alpha": 1.0}, {}),
             ("cpo", {"loss_type": "sigmoid", "cpo_alpha": 0.5, "label_smoothing": 0.1}, {"cpo_alpha": 0.5, "label_smoothing": 0.1}),
             ("simpo", {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.5}, {}),
             ("simpo", {"loss_type": "simpo", "cpo_alpha": 1.0, "simpo_gamma": 1.0}, {"cpo_alpha": 1.0, "simpo_gamma": 1.0}),
+            ("simpo", {"loss_type": "alphapo", "alpha": 0.25, "simpo_gamma": 0.5}, {"alphapo_alpha": 0.25}),
             ("orpo", {}, {})]
 
 
@@ -197,6 +198,7 @@ def test_reference_free_methods_match_trl(tiny_llama, tmp_path, method, trl_opti
 
     pairs = [_as_pair(row) for row in rows]
     settings = MethodSettings(beta=0.1, method=method, simpo_gamma=our_options.get("simpo_gamma", 0.5),
+                              alphapo_alpha=our_options.get("alphapo_alpha", 0.0),
                               cpo_alpha=our_options.get("cpo_alpha", 1.0 if method == "cpo" else 0.0),
                               label_smoothing=our_options.get("label_smoothing", 0.0))
     for layout in ("padded", "packed"):

@@ -82,6 +82,7 @@ class TrainConfig(_Frozen):
     discopop_tau: float = Field(0.05, gt=0, description="dpo discopop: τ of the log-ratio modulation.")
     ld_alpha: float | None = Field(None, ge=0, le=1, description="dpo: LD-DPO weight of tokens past the shared length.")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin γ.")
+    alphapo_alpha: float = Field(0.0, description="simpo: AlphaPO's α, reward (1 − π̄^(−α))/α (0: SimPO's avg log π).")
     cpo_alpha: float | None = Field(None, ge=0, description="cpo/simpo: weight of the chosen NLL (default cpo 1, simpo 0).")
     desirable_weight: float = Field(1.0, gt=0, description="kto: λ_D, weight of desirable examples.")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: λ_U, weight of undesirable examples.")
@@ -154,6 +155,8 @@ class TrainConfig(_Frozen):
             raise ValueError(f"method={self.method} is reference-free: drop ref_model")
         if self.cpo_alpha is not None and self.method not in ("cpo", "simpo"):
             raise ValueError("cpo_alpha applies to method cpo or simpo")
+        if self.alphapo_alpha and self.method != "simpo":
+            raise ValueError("alphapo_alpha applies to method simpo (AlphaPO = SimPO with its reward shape)")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_types):
             raise ValueError(f"{len(self.loss_weights)} loss_weights for {len(self.loss_types)} loss types "
                              f"({', '.join(self.loss_types)}): give one weight per loss type")

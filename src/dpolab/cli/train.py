@@ -29,6 +29,7 @@ def train(
     label_smoothing: Optional[float] = typer.Option(None, help="ε, label noise: robust, exo_pair, aot*, simpo, cpo (default: 0)."),
     ld_alpha: Optional[float] = typer.Option(None, help="dpo: LD-DPO weight of response tokens past the shared length."),
     simpo_gamma: Optional[float] = typer.Option(None, help="simpo: target reward margin γ (default: 0.5)."),
+    alphapo_alpha: Optional[float] = typer.Option(None, help="simpo: AlphaPO's reward shape α (default 0: SimPO)."),
     cpo_alpha: Optional[float] = typer.Option(None, help="cpo/simpo: weight of the chosen NLL (default: cpo 1, simpo 0)."),
     desirable_weight: Optional[float] = typer.Option(None, help="kto: weight of desirable examples (default: 1)."),
     undesirable_weight: Optional[float] = typer.Option(None, help="kto: weight of undesirable examples (default: 1)."),
@@ -76,7 +77,7 @@ def train(
 # CLI option -> config key (dotted for nested ones).
 OVERRIDES = {name: name for name in (
     "model", "output_dir", "ref_model", "method", "loss_type", "loss_weights", "beta", "label_smoothing", "ld_alpha",
-    "simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
+    "simpo_gamma", "alphapo_alpha", "cpo_alpha", "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
     "learning_rate", "batch_size", "grad_accum", "epochs", "max_steps", "layout", "precision", "seed")} | {"dataset": "data.dataset", "template": "data.template",
                                                              "max_length": "data.max_length", "lora_r": "lora.r"}
 

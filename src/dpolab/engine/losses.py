@@ -169,11 +169,20 @@ def dpo_loss(
 
 
 # ---------------------------------------------------------------------------------------------- reference-free
+def alphapo_reward(avg_logps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO (Gupta et al. 2025, eq. 7): r = (1 − π̄^(−α))/α with π̄ = exp(avg log π), (B,); α → 0 gives SimPO's
+    avg log π. Written as −expm1(−α·avg log π)/α: the same value as TRL's exp(·).pow(−α), without overflow."""
+    return -torch.expm1(-alpha * avg_logps) / alpha
+
+
 def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float, gamma: float,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               label_smoothing: float = 0.0, alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SimPO (Meng et al. 2024, eq. 6): −log σ(β·(avg log π(y_w) − avg log π(y_l)) − γ), no reference; the rewards
-    are β·avg log π. `*_avg` are log-probs averaged over the response tokens (TRL's CPOTrainer, loss_type simpo)."""
-    z = beta * (chosen_avg - rejected_avg - gamma / beta)
+    are β·avg log π. `*_avg` are log-probs averaged over the response tokens (TRL's CPOTrainer, loss_type simpo).
+    alpha ≠ 0 is AlphaPO: the same loss on `alphapo_reward`s (TRL's CPOConfig `alpha`, loss_type alphapo)."""
+    if alpha:
+        chosen_avg, rejected_avg = alphapo_reward(chosen_avg, alpha), alphapo_reward(rejected_avg, alpha)
+    z = beta * (chosen_avg - rejected_avg - gamma / beta)  # (B,)
     return _smoothed(z, label_smoothing), beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
 

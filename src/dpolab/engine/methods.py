@@ -33,6 +33,7 @@ class MethodSettings:
     loss_weights: tuple[float, ...] | None = None
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
+    alphapo_alpha: float = 0.0  # simpo: AlphaPO's reward shape α (0: SimPO)
     cpo_alpha: float = 0.0  # weight of the chosen NLL (cpo; simpo with cpo_alpha > 0 is CPO-SimPO)
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
@@ -110,7 +111,8 @@ def _reference_free(lp: _Logps, batch, s: MethodSettings, gather):
         # the response's); dpolab follows TRL, so the collator gathers the prompts' tokens too (prompt_targets).
         nll_weight = 1.0
     elif s.method == "simpo":
-        losses, chosen_r, rejected_r = L.simpo_loss(*lp.averages(), s.beta, s.simpo_gamma, s.label_smoothing)
+        losses, chosen_r, rejected_r = L.simpo_loss(*lp.averages(), s.beta, s.simpo_gamma, s.label_smoothing,
+                                                    s.alphapo_alpha)
         nll_weight = s.cpo_alpha
     else:
         losses, chosen_r, rejected_r = L.cpo_loss(lp.chosen, lp.rejected, s.beta, s.label_smoothing)

@@ -207,6 +207,17 @@ def load_policy(cfg: TrainConfig, tokenizer):
     return load_model(cfg.model)
 
 
+def pairs_to_reference(cfg: TrainConfig, args, train: list[dict]) -> list[dict]:
+    """The training pairs whose reference log-probs the run needs: the ones its seeded order will reach in
+    max_steps (a 3-step run pays for 3 batches, not the data set); all of them for a run of whole epochs."""
+    from dpolab.engine.trainer import planned
+
+    examples = None
+    if cfg.max_steps is not None and cfg.max_steps > 0:
+        examples = cfg.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return planned(train, args.data_seed or args.seed, examples)
+
+
 def with_lora(policy, lora, method: str = "dpo"):
     from peft import LoraConfig, get_peft_model
 
@@ -277,7 +288,7 @@ def method_options(cfg: TrainConfig) -> dict[str, Any]:
             options["discopop_tau"] = cfg.discopop_tau
         return {k: v for k, v in options.items() if v}
     if cfg.method in ("simpo", "cpo"):
-        gamma = {"simpo_gamma": cfg.simpo_gamma} if cfg.method == "simpo" else {}
+        gamma = {"simpo_gamma": cfg.simpo_gamma, "alphapo_alpha": cfg.alphapo_alpha} if cfg.method == "simpo" else {}
         return {**gamma, "cpo_alpha": cfg.nll_weight, "label_smoothing": cfg.label_smoothing}
     if cfg.method == "kto":
         return {"desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight}
@@ -292,7 +303,7 @@ def method_settings(cfg: TrainConfig):
     return MethodSettings(
         beta=cfg.beta, loss_type=cfg.loss_types, label_smoothing=cfg.label_smoothing, method=cfg.method,
         loss_weights=tuple(cfg.loss_weights) if cfg.loss_weights else None, discopop_tau=cfg.discopop_tau,
-        simpo_gamma=cfg.simpo_gamma, cpo_alpha=cfg.nll_weight, desirable_weight=cfg.desirable_weight,
+        simpo_gamma=cfg.simpo_gamma, alphapo_alpha=cfg.alphapo_alpha, cpo_alpha=cfg.nll_weight, desirable_weight=cfg.desirable_weight,
         undesirable_weight=cfg.undesirable_weight, center_rewards_coefficient=cfg.center_rewards_coefficient)
 
 
@@ -399,7 +410,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     if cfg.method not in REFERENCE_FREE:
         # The main process computes the cache (written atomically); the other ranks then read it warm.
         with args.main_process_first(desc="reference log-probs", local=False):
-            ref, computed = reference_logps(cfg, runtime, train + test, policy, prepared.path, collator)
+            ref, computed = reference_logps(cfg, runtime, pairs_to_reference(cfg, args, train) + test, policy,
+                                            prepared.path, collator)
     if cfg.lora is not None:
         policy = with_lora(policy, cfg.lora, cfg.method)
     trainer = _trainer(cfg, args, tokenizer, collator, policy, train, test, ref, callbacks_for(cfg, args, run, callbacks))

@@ -1,6 +1,7 @@
 """`DPOTrainer`: a transformers.Trainer whose only additions are the preference loss of the run's method
-(engine/methods.py), its metrics, and complete-checkpoint markers. The loop, optimizer, schedulers, logging and
-accelerate integration are transformers'."""
+(engine/methods.py), its metrics, complete-checkpoint markers and a seeded pair order known before training
+(`SeededOrder`, so a short run computes reference log-probs only for the pairs it will see). The loop, optimizer,
+schedulers, logging and accelerate integration are transformers'."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from transformers import Trainer
 from dpolab.engine.layout import packed_batch, padded_batch
 from dpolab.engine.logprobs import ld_weights
 from dpolab.engine.methods import DPOSettings, MethodSettings, dpo_step, preference_step  # noqa: F401
+from dpolab.errors import TrainingError
 
 COMPLETE_MARKER = "dpolab-complete.json"
 
@@ -31,11 +33,43 @@ class PairDataset(torch.utils.data.Dataset):
         return self.records[index]
 
 
+class SeededOrder(torch.utils.data.Sampler):
+    """Epoch e visits the pairs in the order torch.randperm(n, seed + e) — accelerate's seedable sampler's order,
+    owned here so that `planned` can tell before training which pairs a run of so many steps consumes. The trainer
+    calls set_epoch before each epoch (also when resuming), so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    @staticmethod
+    def order(n: int, seed: int, epoch: int = 0) -> list[int]:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        yield from self.order(self.n, self.seed, self.epoch)
+        self.epoch += 1  # as accelerate's sampler: the next pass is the next epoch unless set_epoch says otherwise
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def planned(records: list[dict], seed: int, examples: int | None) -> list[dict]:
+    """The records a run consuming `examples` of them (steps × batch × accumulation × processes) trains on: the
+    first ones of epoch 0's order; all of them for a full epoch or more (None)."""
+    if examples is None or examples >= len(records):
+        return records
+    return [records[i] for i in sorted(SeededOrder.order(len(records), seed)[:examples])]
+
+
 def features(records: list[dict], ref: dict[str, tuple[float, float]] | None) -> list[dict]:
-    """Training features: token ids, the cached reference log-probs (0 for reference-free methods) and, for
-    unpaired data, the label; a reward model's pair may carry its `margin`."""
+    """Training features: token ids, the cached reference log-probs (0 for reference-free methods: ref None; None
+    where the run planned no reference, which the collator refuses) and, for unpaired data, the label; a reward
+    model's pair may carry its `margin`."""
     keep = ("id", "prompt_ids", "chosen_ids", "rejected_ids", "label", "margin")
-    none = (0.0, 0.0)
+    none = (0.0, 0.0) if ref is None else (None, None)
     return [{**{k: r[k] for k in keep if k in r}, "ref_chosen": (ref or {}).get(r["id"], none)[0],
              "ref_rejected": (ref or {}).get(r["id"], none)[1]} for r in records]
 
@@ -64,10 +98,25 @@ class DPOCollator:
             batch["labels"] = torch.tensor([bool(f["label"]) for f in features])
         if "margin" in features[0]:  # a reward model's required score gap per pair (TRL's `margin` column)
             batch["margin"] = torch.tensor([float(f["margin"]) for f in features], dtype=torch.float32)
-        if with_ref:
-            batch["ref_chosen"] = torch.tensor([f["ref_chosen"] for f in features], dtype=torch.float64)
-            batch["ref_rejected"] = torch.tensor([f["ref_rejected"] for f in features], dtype=torch.float64)
+        if with_ref:  # NaN: a pair the run planned no reference for (the trainer refuses to step on it)
+            nan = float("nan")
+            batch["ref_chosen"] = torch.tensor([_or(f["ref_chosen"], nan) for f in features], dtype=torch.float64)
+            batch["ref_rejected"] = torch.tensor([_or(f["ref_rejected"], nan) for f in features], dtype=torch.float64)
+            batch["ids"] = [f.get("id") for f in features]
         return batch
+
+
+def check_reference(batch: dict[str, Any]) -> None:
+    """A batch to step on has every reference value: if the loop ever left the order `planned` assumed, the run
+    stops here rather than train on a made-up value. (The loader may collate one batch ahead of the plan: fine.)"""
+    missing = torch.isnan(batch["ref_chosen"]) if "ref_chosen" in batch else None
+    if missing is not None and missing.any():
+        pair = batch["ids"][int(missing.nonzero()[0])]
+        raise TrainingError(f"no reference log-probs for pair {pair}: the run planned other pairs")
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 class DPOTrainer(Trainer):
@@ -75,6 +124,9 @@ class DPOTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.method = method
         self._metric_sums: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _get_train_sampler(self, train_dataset=None):
+        return SeededOrder(len(train_dataset or self.train_dataset), self.args.data_seed or self.args.seed)
 
     def _record(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
         for name, values in metrics.items():
@@ -85,6 +137,7 @@ class DPOTrainer(Trainer):
         return self.accelerator.gather(value.reshape(1)).mean()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        check_reference(inputs)
         loss, metrics = preference_step(model, inputs, self.method, self._mean_over_processes)
         self._record(metrics, "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss
