@@ -58,6 +58,15 @@ def tiny_gpt2(tmp_path_factory, tokenizer) -> Path:
     return _save_tiny(GPT2LMHeadModel(config), tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and two-thread torch crawls when another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def chatty_llama(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama whose weights are drawn wider than usual: greedy decoding then gives a different word salad per

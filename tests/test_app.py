@@ -15,6 +15,7 @@ from dpolab.app.launch import PAGE, page_args, streamlit_command  # noqa: E402
 from dpolab.generation import GenerationSettings, build_prompt, generate_text  # noqa: E402
 from dpolab.models import load_model, load_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUESTION = "What is the purpose of life?"
 # The page's defaults with the greedy toggle on, and short answers: the tiny model's text is gibberish anyway.
 GREEDY = GenerationSettings(greedy=True, max_new_tokens=48)
@@ -26,17 +27,6 @@ def fresh_cache():
     st.cache_resource.clear()  # each test loads its models anew: no state leaks between tests
     yield
     st.cache_resource.clear()
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and two-thread torch crawls when another process holds a core."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

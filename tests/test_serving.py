@@ -22,14 +22,7 @@ PROMPTS = ["What is the purpose of life?", "How do I make good tea?", "Tips for 
            "Is coffee bad for you?", "Say something kind.", "What is a language model?", "Describe a cat.",
            "What time is it?"]
 NEAR_TIE = 1e-3
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
