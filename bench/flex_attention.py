@@ -152,15 +152,18 @@ def main() -> None:
             row.update(measure(model, batch, attention, args.repeats, flops, peak, args.max_step_s))
             rows[f"{attention}-{budget}"] = row
             print(attention, budget, row, flush=True)
+            path = write_result("flex_attention", {"settings": settings(args, peak, load_start), "rows": rows})
+    print(f"-> {path}")
+
+
+def settings(args, peak: float, load_start) -> dict:
     with open("/proc/cpuinfo") as info:
         cpu_flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    settings = {"model": "SmolLM2-135M (embedded, 30 layers)", "precision": "fp32", "gradient_checkpointing": True,
-                "data": "HH harmless-base test 2000, qa, max_length 512, seeded order 42", "repeats": args.repeats,
-                "max_step_s": args.max_step_s, "fp32_matmul_peak_gflops": round(peak / 1e9, 1),
-                "cpu_flags": sorted(f for f in cpu_flags if f.startswith(("avx", "amx", "fma"))),
-                "load_average_start": load_start, "load_average_end": os.getloadavg()}
-    path = write_result("flex_attention", {"settings": settings, "rows": rows})
-    print(f"-> {path}")
+    return {"model": "SmolLM2-135M (embedded, 30 layers)", "precision": "fp32", "gradient_checkpointing": True,
+            "data": "HH harmless-base test 2000, qa, max_length 512, seeded order 42", "repeats": args.repeats,
+            "max_step_s": args.max_step_s, "fp32_matmul_peak_gflops": round(peak / 1e9, 1),
+            "cpu_flags": sorted(f for f in cpu_flags if f.startswith(("avx", "amx", "fma"))),
+            "load_average_start": load_start, "load_average_now": os.getloadavg()}
 
 
 if __name__ == "__main__":
