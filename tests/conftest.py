@@ -81,6 +81,20 @@ def chatty_llama(tmp_path_factory, tokenizer) -> Path:
     return _save_tiny(LlamaForCausalLM(config), tokenizer, tmp_path_factory.mktemp("chatty-llama"))
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer Qwen2 (untied head, q/k/v biases) with the SmolLM2 tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return _save_tiny(Qwen2ForCausalLM(config), tokenizer, tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     with open(path, "w") as handle:
         for row in rows:

@@ -187,7 +187,11 @@ def reference_logps(cfg: TrainConfig, runtime: Runtime, records: list[dict], pol
 
     def load_reference():
         # The starting policy *is* the reference unless another is named: no second copy in memory.
-        return policy if cfg.ref_model is None else load_model(cfg.ref_model).to(runtime.device)
+        if cfg.ref_model is None:
+            return policy
+        reference = load_model(cfg.ref_model).to(runtime.device)
+        with_attention(cfg, reference, runtime.device)  # a flex-laid batch on an SDPA model gets the dense mask
+        return reference
 
     variant = f"ld_alpha={cfg.ld_alpha}" if cfg.ld_alpha is not None else ""
     meta = {"reference": ref_name, "weights": key, "dtype": str(runtime.dtype), "variant": variant}
@@ -195,6 +199,17 @@ def reference_logps(cfg: TrainConfig, runtime: Runtime, records: list[dict], pol
     with torch.autocast(runtime.device, dtype=runtime.dtype, enabled=runtime.precision != "fp32"):
         return refcache.ensure_reference(records, path, load_reference, collator,
                                          cfg.eval_batch_size or refcache.REFERENCE_BATCH, runtime.device, meta)
+
+
+def with_attention(cfg: TrainConfig, model, device) -> str:
+    """The run's packed-layout attention for `model` on `device` ('sdpa' or 'flex', see engine/flex.py), set on it."""
+    from dpolab.engine.flex import resolve_attention, use_attention
+
+    attention = resolve_attention(cfg.attention, cfg.layout, model, device)
+    use_attention(model, attention)
+    if cfg.attention == "auto" and cfg.layout == "packed":
+        log.info("packed layout attention: %s", attention)
+    return attention
 
 
 def load_policy(cfg: TrainConfig, tokenizer):
@@ -402,10 +417,11 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     if not train:
         raise TrainingError(f"{prepared.path} has no training pairs")
     check_data_for_method(cfg, prepared)
-    collator = DPOCollator(cfg.layout, tokenizer.pad_token_id, cfg.token_budget or 2 * cfg.data.max_length, cfg.ld_alpha,
-                           prompt_targets=cfg.method == "orpo")
     policy = load_policy(cfg, tokenizer).to(runtime.device)
     disable_dropout(policy)
+    attention = with_attention(cfg, policy, runtime.device)
+    collator = DPOCollator(cfg.layout, tokenizer.pad_token_id, cfg.token_budget or 2 * cfg.data.max_length, cfg.ld_alpha,
+                           prompt_targets=cfg.method == "orpo", attention=attention)
     ref, computed = None, 0
     if cfg.method not in REFERENCE_FREE:
         # The main process computes the cache (written atomically); the other ranks then read it warm.
