@@ -94,7 +94,6 @@ def tiny_qwen2(tmp_path_factory, tokenizer) -> Path:
     return _save_tiny(Qwen2ForCausalLM(config), tokenizer, tmp_path_factory.mktemp("tiny-qwen2"))
 
 
-
 def write_jsonl(path: Path, rows: list) -> Path:
     with open(path, "w") as handle:
         for row in rows:
