@@ -34,8 +34,8 @@ def chatty(chatty_llama):
 def engine(chatty):
     engines = []
 
-    def make(max_batch: int = 3, model=None) -> DecodeEngine:
-        engines.append(DecodeEngine(model or chatty[0], chatty[1], max_batch=max_batch))
+    def make(max_batch: int = 3, model=None, lanes: int = 1) -> DecodeEngine:
+        engines.append(DecodeEngine(model or chatty[0], chatty[1], max_batch=max_batch, lanes=lanes))
         return engines[-1]
 
     yield make
@@ -120,6 +120,30 @@ def test_seeded_sampling_is_the_same_alone_and_batched(chatty, engine):
     assert len(set(alone)) == len(alone)  # the seeds and prompts really differ
 
 
+def test_two_lanes_answer_at_once_what_each_answers_alone(chatty, engine):
+    """Lanes: two worker threads, each with its own batch; requests spread over them, answers unchanged."""
+    model, tokenizer = chatty
+    two = engine(max_batch=4, lanes=2)
+    settings = GenerationSettings(greedy=True, max_new_tokens=24)
+    requests = [two.submit(prompt(tokenizer, q), "qa", settings) for q in PROMPTS[:4]]
+    texts = [collect(r)[0] for r in requests]
+    assert texts == [generate_text(model, tokenizer, prompt(tokenizer, q), "qa", settings) for q in PROMPTS[:4]]
+    assert len(two.lanes) == 2 and all(lane.thread is not None for lane in two.lanes)
+
+
+def test_a_request_goes_to_the_least_loaded_lane(chatty, engine):
+    _, tokenizer = chatty
+    two = engine(max_batch=4, lanes=2)
+    settings = GenerationSettings(greedy=True, max_new_tokens=200)
+    first = two.submit(prompt(tokenizer, "Hi"), "qa", settings, min_new_tokens=200)
+    next(iter(first))
+    second = two.submit(prompt(tokenizer, "Hello"), "qa", settings, min_new_tokens=200)
+    next(iter(second))
+    assert sorted(len(lane.running) for lane in two.lanes) == [1, 1]
+    first.stop.set()
+    second.stop.set()
+
+
 def test_requests_stream_together_and_a_full_batch_queues(chatty, engine):
     model, tokenizer = chatty
     two = engine(max_batch=2)
@@ -197,15 +221,15 @@ def test_a_model_error_ends_the_request_with_the_message_and_the_engine_serves_o
 class Recording(DecodeEngine):
     """Records (batch size, cache width, fewest real tokens of a row) at every decoding step."""
 
-    def _step(self):
-        self.seen = [*getattr(self, "seen", []), (self._mask.shape[0], self._mask.shape[1], int(self._mask.sum(1).min()))]
-        super()._step()
+    def _step(self, lane):
+        self.seen = [*getattr(self, "seen", []), (lane.mask.shape[0], lane.mask.shape[1], int(lane.mask.sum(1).min()))]
+        super()._step(lane)
 
 
 def test_leaving_requests_trim_the_shared_cache(chatty):
     """A long prompt joins, ends early; the left padding it forced on the running answer is dropped when it leaves."""
     model, tokenizer = chatty
-    e = Recording(model, tokenizer, max_batch=2)
+    e = Recording(model, tokenizer, max_batch=2, lanes=1)
     try:
         short = e.submit(prompt(tokenizer, "Hi"), "qa", GenerationSettings(greedy=True, max_new_tokens=80),
                          min_new_tokens=80)
@@ -220,7 +244,7 @@ def test_leaving_requests_trim_the_shared_cache(chatty):
     assert together and together[0][1] > together[0][2] + 250  # the short answer was padded to the long prompt
     after = e.seen[e.seen.index(together[-1]) + 1 :]
     assert after and all(width == real for _, width, real in after)  # no padding column left once it left
-    assert e._cache is None and e._mask is None  # all left: nothing held
+    assert e.lanes[0].cache is None and e.lanes[0].mask is None  # all left: nothing held
 
 
 @pytest.mark.slow
