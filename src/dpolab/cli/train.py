@@ -41,7 +41,10 @@ def train(
     epochs: Optional[float] = typer.Option(None, help="Epochs (default: 5)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides epochs)."),
     layout: Optional[str] = typer.Option(None, help="packed (prefix-shared, padding-free) | padded (default: packed)."),
-    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (default: auto = native for the hardware)."),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (default: auto = bf16 autocast where the "
+                                            "hardware runs bf16 natively, else fp32)."),
+    gradient_checkpointing: Optional[str] = typer.Option(
+        None, help="auto | on | off (default: auto = on only when the estimated peak memory exceeds the device's)."),
     template: Optional[str] = typer.Option(None, help="Template when preparing a raw source (default: qa)."),
     max_length: Optional[int] = typer.Option(None, help="Max tokens of prompt+response when preparing (default: 512)."),
     seed: Optional[int] = typer.Option(None, help="Training seed (default: 42)."),
@@ -78,7 +81,8 @@ def train(
 OVERRIDES = {name: name for name in (
     "model", "output_dir", "ref_model", "method", "loss_type", "loss_weights", "beta", "label_smoothing", "ld_alpha",
     "simpo_gamma", "alphapo_alpha", "cpo_alpha", "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
-    "learning_rate", "batch_size", "grad_accum", "epochs", "max_steps", "layout", "precision", "seed")} | {"dataset": "data.dataset", "template": "data.template",
+    "learning_rate", "batch_size", "grad_accum", "epochs", "max_steps", "layout", "precision", "seed",
+    "gradient_checkpointing")} | {"dataset": "data.dataset", "template": "data.template",
                                                              "max_length": "data.max_length", "lora_r": "lora.r"}
 
 
