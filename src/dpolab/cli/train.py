@@ -41,10 +41,8 @@ def train(
     epochs: Optional[float] = typer.Option(None, help="Epochs (default: 5)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides epochs)."),
     layout: Optional[str] = typer.Option(None, help="packed (prefix-shared, padding-free) | padded (default: packed)."),
-    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (default: auto = bf16 autocast where the "
-                                            "hardware runs bf16 natively, else fp32)."),
-    gradient_checkpointing: Optional[str] = typer.Option(
-        None, help="auto | on | off (default: auto = on only when the estimated peak memory exceeds the device's)."),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (default: auto = bf16 autocast if native)."),
+    gradient_checkpointing: Optional[str] = typer.Option(None, help="auto | on | off (default: auto = on if memory is short)."),
     template: Optional[str] = typer.Option(None, help="Template when preparing a raw source (default: qa)."),
     max_length: Optional[int] = typer.Option(None, help="Max tokens of prompt+response when preparing (default: 512)."),
     seed: Optional[int] = typer.Option(None, help="Training seed (default: 42)."),
