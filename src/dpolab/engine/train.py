@@ -411,12 +411,12 @@ def resolve_checkpointing(cfg: TrainConfig, runtime: Runtime, records: list[dict
     info = {"gradient_checkpointing": enabled, "requested": cfg.gradient_checkpointing, "available_bytes": available,
             "available_source": source, "safety_fraction": memory.SAFETY_FRACTION, "processes": processes,
             "estimate_without_checkpointing": off.as_dict(), "estimate_with_checkpointing": on.as_dict()}
-    f = memory.fmt_bytes
+    f, why = memory.fmt_bytes, "auto" if cfg.gradient_checkpointing == "auto" else "forced"
     log.info("gradient checkpointing %s (%s): estimated peak %s without it (weights %s, grads %s, AdamW %s, "
              "activations %s for %d tokens/step, output head %s), %s with it; %s available (%s), planning on %d%% of it",
-             "on" if enabled else "off", cfg.gradient_checkpointing if cfg.gradient_checkpointing == "auto" else "forced",
-             f(off.peak), f(off.weights), f(off.grads), f(off.optimizer), f(off.activations + off.mask), off.tokens, f(off.head),
-             f(on.peak), f(available), source or "unknown", round(100 * memory.SAFETY_FRACTION))
+             "on" if enabled else "off", why, f(off.peak), f(off.weights), f(off.grads), f(off.optimizer),
+             f(off.activations + off.mask), off.tokens, f(off.head), f(on.peak), f(available), source or "unknown",
+             round(100 * memory.SAFETY_FRACTION))
     if enabled and available is not None and processes * on.peak > memory.SAFETY_FRACTION * available:
         log.warning("even with gradient checkpointing the run may not fit in memory: lower batch_size or token_budget, "
                     "or use lora")
