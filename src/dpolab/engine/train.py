@@ -118,7 +118,7 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     from dpolab.errors import ModelNotFound, SourceError
 
     cfg = with_data_settings(cfg)
-    unavailable, n_params, report = {}, None, None
+    unavailable, n_params, report, records = {}, None, None, None
     try:
         n_params, model_config = count_parameters(cfg.model)
         check_context(cfg, model_config)
@@ -126,14 +126,17 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
         unavailable["model"] = f"{cfg.model}: {str(exc).splitlines()[0][:160]}"
     try:
         if is_prepared(cfg.data.dataset):
-            report = load_prepared(cfg.data.dataset).report
+            prepared = load_prepared(cfg.data.dataset)
+            report, records = prepared.report, prepared.split("train")
         elif "model" not in unavailable:
-            report = build(cfg.data.model_copy(update={"tokenizer": cfg.model}))[2]
+            records, _, report, _ = build(cfg.data.model_copy(update={"tokenizer": cfg.model}))
     except SourceError as exc:
         unavailable["data"] = str(exc).splitlines()[0][:200]
     result: dict[str, Any] = {"config": cfg.model_dump(mode="json")}
     if report is not None:
         result["plan"] = plan(cfg, report, n_params)
+        if records and "model" not in unavailable:
+            result["plan"]["memory"] = memory_plan(cfg, records)
     else:
         result["plan"] = {"total_steps": "unknown until the data can be read", "model_parameters": n_params}
     if unavailable:
@@ -390,6 +393,23 @@ def memory_estimates(cfg: TrainConfig, runtime: Runtime, records: list[dict], co
                   trainable=trainable_parameters(cfg, model_config, params), half=runtime.precision != "fp32",
                   scored=cfg.method in SCORED, reference_params=reference)
     return memory.estimate_memory(**common), memory.estimate_memory(**common, checkpointing=True)
+
+
+def memory_plan(cfg: TrainConfig, records: list[dict]) -> dict[str, Any]:
+    """The dry run's view of `resolve_checkpointing`: the estimates and what auto would decide on this machine."""
+    from dpolab.engine import memory
+    from dpolab.models import load_tokenizer
+
+    try:
+        runtime = resolve_runtime(cfg.precision)
+    except ConfigError as exc:  # fp16 on a CPU: the run itself will say so
+        return {"unavailable": str(exc)}
+    off, on = memory_estimates(cfg, runtime, records, collator_for(cfg, load_tokenizer(cfg.model)))
+    available, source = memory.available_memory(runtime.device)
+    return {"gradient_checkpointing": memory.decide_checkpointing(cfg.gradient_checkpointing, off.peak, available),
+            "estimated_peak_without_checkpointing": memory.fmt_bytes(off.peak),
+            "estimated_peak_with_checkpointing": memory.fmt_bytes(on.peak), "tokens_per_step": off.tokens,
+            "available": f"{memory.fmt_bytes(available)} ({source})"}
 
 
 def resolve_checkpointing(cfg: TrainConfig, runtime: Runtime, records: list[dict], collate, args
