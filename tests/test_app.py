@@ -12,9 +12,10 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dpolab import EMBEDDED_MODEL  # noqa: E402
 from dpolab.app.launch import PAGE, page_args, streamlit_command  # noqa: E402
-from dpolab.generation import GenerationSettings, build_prompt, generate_text, stream_text  # noqa: E402
+from dpolab.generation import GenerationSettings, build_prompt, generate_text  # noqa: E402
 from dpolab.models import load_model, load_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUESTION = "What is the purpose of life?"
 # The page's defaults with the greedy toggle on, and short answers: the tiny model's text is gibberish anyway.
 GREEDY = GenerationSettings(greedy=True, max_new_tokens=48)
@@ -26,17 +27,6 @@ def fresh_cache():
     st.cache_resource.clear()  # each test loads its models anew: no state leaks between tests
     yield
     st.cache_resource.clear()
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and two-thread torch crawls when another process holds a core."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -121,39 +111,77 @@ def test_compare_mode_answers_side_by_side(open_page, tiny_llama, tiny_gpt2, exp
 
 
 def test_compare_mode_samples_reproducibly(open_page, tiny_llama, tiny_gpt2, expected):
-    # Sampled, two models at once: each answer is the one its seed gives alone (they take turns on the global RNG).
+    # Sampled, two models at once: each answer is the one its seed gives alone (each request has its own generator).
     at = chat(open_page(tiny_llama, "--compare", tiny_gpt2, greedy=False), QUESTION)
     tuned, base = (texts(column)[1] for column in at.chat_message[1].columns)
     assert tuned == expected(QUESTION, settings=SAMPLED)
     assert base == expected(QUESTION, folder=tiny_gpt2, settings=SAMPLED)
 
 
-def test_an_interrupted_answer_stops_generation_and_keeps_what_was_shown(open_page, tiny_llama, monkeypatch):
-    # Stop button, a new message, a closed tab: Streamlit raises StopException/RerunException in the script thread
-    # while it streams. The page must then set the stop Event handed to stream_text, and keep the partial answer.
-    from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+class Interrupted:
+    """An event queue that gives two pieces of text, then raises what Streamlit raises in the script thread when the
+    user clicks Stop (or the run is otherwise ended) while the answer streams."""
 
-    import dpolab.generation
+    def __init__(self):
+        from dpolab.serving import Text
+
+        self.items = [Text("The start "), Text("of an answer")]
+
+    def put(self, event):  # what the engine still sends is not shown
+        pass
+
+    def get_nowait(self):
+        from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+
+        if not self.items:
+            raise StopException()
+        return self.items.pop(0)
+
+
+def test_an_interrupted_answer_stops_generation_and_keeps_what_was_shown(open_page, tiny_llama, monkeypatch):
+    from dpolab.serving import DecodeEngine
 
     handed: dict = {}
+    submit = DecodeEngine.submit
 
-    def interrupted_stream(model, tokenizer, prompt, template, settings, stop=None, lock=None):
-        handed.update(stop=stop, lock=lock)
-
-        def pieces():
-            yield "The start "
-            yield "of an answer"
-            raise StopException()
-
-        return pieces(), False
+    def interrupted_submit(self, prompt, template, settings, stop=None, min_new_tokens=0):
+        handed["stop"] = stop
+        request = submit(self, prompt, template, settings, stop)  # a real request, its events replaced
+        request.events = Interrupted()
+        return request
 
     at = open_page(tiny_llama)
-    monkeypatch.setattr(dpolab.generation, "stream_text", interrupted_stream)  # the page imports it on each run
+    monkeypatch.setattr(DecodeEngine, "submit", interrupted_submit)
     chat(at, QUESTION)
-    assert handed["stop"].is_set() and handed["lock"] is not None
-    assert at.session_state.messages[-1] == {"role": "assistant", "tuned": "The start of an answer", "stopped": True}
+    assert handed["stop"].is_set()  # the engine is told to stop working on the answer
+    reply = at.session_state.messages[-1]
+    assert reply["tuned"] == "The start of an answer" and reply["stopped"]
+    assert reply["ends"]["tuned"]["reason"] == "stopped"
     at.run()
+    assert texts(at.chat_message[1]) == ["The start of an answer"]
     assert any("stopped" in c.value for c in at.chat_message[1].caption)
+
+
+def test_an_answer_cut_by_the_token_limit_says_so(open_page, tiny_llama):
+    at = open_page(tiny_llama)
+    at.number_input(key="max_new_tokens").set_value(3).run()
+    chat(at, QUESTION)
+    assert at.session_state.messages[-1]["ends"]["tuned"]["reason"] == "length"
+    assert any("cut at the limit of 3 new tokens" in c.value for c in at.chat_message[1].caption)
+
+
+def test_a_failed_generation_shows_in_the_bubble(open_page, tiny_llama, monkeypatch):
+    from dpolab.serving import DecodeEngine
+
+    def broken(self, request, logits):
+        raise RuntimeError("the model broke (simulated)")
+
+    at = open_page(tiny_llama)
+    monkeypatch.setattr(DecodeEngine, "_choose", broken)
+    chat(at, QUESTION)
+    bubble = at.chat_message[1]
+    assert len(bubble.error) == 1 and "the model broke (simulated)" in bubble.error[0].value
+    assert at.session_state.messages[-1]["ends"]["tuned"]["reason"] == "error"
 
 
 def test_missing_model_folder_says_what_to_do(open_page, tmp_path):
@@ -204,48 +232,19 @@ def test_without_a_model_the_sidebar_offers_runs_and_the_embedded_model(open_pag
     assert not at.error
 
 
-def test_shared_model_lock_gives_each_concurrent_caller_its_whole_answer(tiny_llama, expected):
-    model, tokenizer = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
-    lock = threading.Lock()
-    questions = [QUESTION, "How to live a healthy life?", "Hello"]
-    results: dict[str, str] = {}
-
-    def user(question: str) -> None:
-        pieces, _ = stream_text(model, tokenizer, build_prompt(question, "qa", tokenizer), "qa", GREEDY, lock=lock)
-        results[question] = "".join(pieces).strip()
-
-    threads = [threading.Thread(target=user, args=(q,)) for q in questions]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert results == {q: expected(q) for q in questions}
-
-
-def test_stop_event_ends_generation_and_frees_the_model(tiny_llama):
-    model, tokenizer = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
-    lock, stop = threading.Lock(), threading.Event()
-    settings = GenerationSettings(greedy=True, max_new_tokens=1000)
-    pieces, _ = stream_text(model, tokenizer, build_prompt("Hi", "qa", tokenizer), "qa", settings, stop=stop, lock=lock)
-    first = next(pieces)
-    stop.set()  # what the page does when a run is interrupted (Stop button, new message, closed tab)
-    rest = "".join(pieces)
-    assert len(tokenizer(first + rest).input_ids) < 200
-    assert lock.acquire(timeout=10)  # the model is free for the next user
-
-
 def test_launch_command_passes_the_page_its_options():
-    cmd = streamlit_command("runs/demo", compare="base-folder", port=8600, host="0.0.0.0", runs_dir="my-runs")
+    cmd = streamlit_command("runs/demo", compare="base-folder", port=8600, host="0.0.0.0", runs_dir="my-runs",
+                            max_batch=2)
     assert cmd[1:5] == ["-m", "streamlit", "run", str(PAGE)]
     flags = dict(zip(cmd[5 : cmd.index("--") : 2], cmd[6 : cmd.index("--") : 2]))
     assert flags["--server.headless"] == "true" and flags["--browser.gatherUsageStats"] == "false"
     assert flags["--server.port"] == "8600" and flags["--server.address"] == "0.0.0.0"
-    assert cmd[cmd.index("--") + 1 :] == page_args("runs/demo", "base-folder", "my-runs")
+    assert cmd[cmd.index("--") + 1 :] == page_args("runs/demo", "base-folder", "my-runs", 2)
     # The page reads back exactly what the launcher passed; anyone else's argv (pytest's) is not parsed.
     from dpolab.app.page import parse_page_args
 
-    args = parse_page_args([str(PAGE), *page_args("runs/demo", "base-folder", "my-runs")])
-    assert (args.model, args.compare, args.runs_dir) == ("runs/demo", "base-folder", "my-runs")
+    args = parse_page_args([str(PAGE), *page_args("runs/demo", "base-folder", "my-runs", 2)])
+    assert (args.model, args.compare, args.runs_dir, args.max_batch) == ("runs/demo", "base-folder", "my-runs", 2)
     assert parse_page_args(["pytest", "-q", "tests"]).model is None
 
 
@@ -256,5 +255,5 @@ def test_cli_help_describes_the_app():
 
     result = CliRunner().invoke(app, ["app", "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    for option in ("--compare", "--port", "--host", "--runs-dir", "MODEL"):
+    for option in ("--compare", "--port", "--host", "--runs-dir", "--max-batch", "MODEL"):
         assert option in result.output

@@ -30,19 +30,37 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync"]
 CHAT_INPUT = '[data-testid="stChatInputTextArea"]'
 STOP_BUTTON = '[data-testid="stChatInputStopButton"]'  # the chat input's send button while an answer streams
-# The text of the last assistant message ('' before there is one), without its avatar's icon name.
-LAST_ANSWER_JS = """() => {
+# The answer text of the last assistant message ('' before there is one): its Markdown, without the captions (place
+# in line, timing, "stopped"), the column labels of compare mode, the Stop button's label and the avatar's icon name.
+# With `side` ('tuned' or 'base'), only that column while it streams.
+ANSWER_TEXT_JS = """(side) => {
   const answers = [...document.querySelectorAll('[data-testid="stChatMessage"]')]
     .filter(m => m.querySelector('[data-testid="stChatMessageAvatarAssistant"]'));
   if (!answers.length) return '';
-  return answers[answers.length - 1].querySelector('[data-testid="stChatMessageContent"]').innerText;
+  let root = answers[answers.length - 1].querySelector('[data-testid="stChatMessageContent"]');
+  if (side) root = root.querySelector('.st-key-live-' + side);
+  if (!root) return '';
+  return [...root.querySelectorAll('[data-testid="stMarkdownContainer"]')]
+    .filter(e => !e.closest('[data-testid="stCaptionContainer"]') && !e.closest('[data-testid="stButton"]'))
+    .map(e => e.innerText).filter(t => !/^(DPO-tuned|Base) · /.test(t)).join('\\n');
 }"""
-# Record the last answer's length at every DOM change: streaming shows as many distinct lengths, one block as one.
-RECORD_LENGTHS_JS = """() => {
-  window.__lengths = []; window.__changed = [];
-  const read = """ + LAST_ANSWER_JS + """;
-  new MutationObserver(() => { window.__lengths.push(read().length); window.__changed.push(Date.now()); })
-    .observe(document.body, {subtree: true, childList: true, characterData: true});
+LAST_ANSWER_JS = "() => (" + ANSWER_TEXT_JS + ")(null)"
+# The whole bubble of the last assistant message as shown (captions included).
+LAST_BUBBLE_JS = """() => {
+  const answers = [...document.querySelectorAll('[data-testid="stChatMessage"]')]
+    .filter(m => m.querySelector('[data-testid="stChatMessageAvatarAssistant"]'));
+  return answers.length ? answers[answers.length - 1].querySelector('[data-testid="stChatMessageContent"]').innerText
+                        : null;
+}"""
+# At every DOM change, record the time and the answer's length (per column with sides), and the bubble's text:
+# streaming shows as many distinct lengths, one block as one.
+RECORD_JS = """(sides) => {
+  window.__log = [];
+  const text = """ + ANSWER_TEXT_JS + """;
+  const bubble = """ + LAST_BUBBLE_JS + """;
+  new MutationObserver(() => {
+    window.__log.push({t: Date.now(), n: sides.map(side => text(side).length), bubble: bubble()});
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'  # Streamlit's own marker for tests
 LONG, SHORT = 400, 120  # max new tokens: long enough to watch it stream (~1-2 s), short for the concurrency test
@@ -93,21 +111,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def chatty_model(tmp_path_factory, tokenizer) -> Path:
-    """A tiny Llama whose weights are drawn wider than usual: greedy decoding then gives a different word salad per
-    prompt (the default init repeats one token), so a mixed-up or cut answer cannot pass for the right one."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         initializer_range=0.3, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("chatty-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def chatty_model(chatty_llama) -> Path:
+    return chatty_llama
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +136,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(browser, chatty_model, tmp_path_factory):
+@contextlib.contextmanager
+def serve(tmp_path_factory, *args: str):
+    """`dpolab app ARGS` on a free port, until the block ends; yields its URL."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("app") / "server.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dpolab", "app", str(chatty_model), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "dpolab", "app", *args, "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})  # see one_torch_thread
     url = f"http://127.0.0.1:{port}"
@@ -162,15 +168,33 @@ def server(browser, chatty_model, tmp_path_factory):
             proc.wait()
 
 
-def open_chat(browser, url: str, max_new_tokens: int):
+@pytest.fixture(scope="module")
+def server(browser, chatty_model, tmp_path_factory):
+    """Two answers at once at most: a third person waits in line."""
+    with serve(tmp_path_factory, str(chatty_model), "--max-batch", "2") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def compare_server(browser, chatty_model, tiny_gpt2, tmp_path_factory):
+    with serve(tmp_path_factory, str(chatty_model), "--compare", str(tiny_gpt2)) as url:
+        yield url
+
+
+REQUESTS: list[str] = []  # every URL any page of these tests asked for
+
+
+def open_chat(browser, url: str, max_new_tokens: int, greedy: bool = True):
     from playwright.sync_api import expect
 
     page = browser.new_context(viewport={"width": 1280, "height": 860}).new_page()
     page.set_default_timeout(60_000)
+    page.on("request", lambda request: REQUESTS.append(request.url))
     page.goto(url)
     page.locator(CHAT_INPUT).wait_for()
-    page.get_by_text("Greedy (deterministic)").click()  # the switch itself is visually hidden; its label is not
-    expect(page.get_by_role("switch", name="Greedy (deterministic)")).to_be_checked()
+    if greedy:
+        page.get_by_text("Greedy (deterministic)").click()  # the switch itself is visually hidden; its label is not
+        expect(page.get_by_role("switch", name="Greedy (deterministic)")).to_be_checked()
     set_max_new_tokens(page, max_new_tokens)
     return page
 
@@ -217,45 +241,82 @@ def wait_for_answer(page, want: str, timeout: float = 60) -> str:
         time.sleep(0.05)
 
 
+def record(page, sides=(None,)) -> None:
+    page.evaluate(RECORD_JS, list(sides))
+
+
+def log(page) -> list[dict]:
+    return page.evaluate("window.__log")
+
+
+def streaming(entries: list[dict], column: int = 0) -> list[tuple[int, int]]:
+    """(time, length) at each change of the answer's length, from its first text on."""
+    out, last = [], 0
+    for entry in entries:
+        n = entry["n"][column]
+        if n != last and n > 0:
+            out.append((entry["t"], n))
+        last = n
+    return out
+
+
 def test_answer_streams_into_the_page(browser, server, expected, tmp_path):
     question = "What is the purpose of life?"
     want = expected(question, LONG)
     page = open_chat(browser, server, LONG)
-    page.evaluate(RECORD_LENGTHS_JS)
+    record(page)
     send(page, question)
     text = wait_for_answer(page, want)
     assert words(text) == words(want) and len(words(want)) > 50
-    lengths = page.evaluate("window.__lengths")
-    growing = sorted({n for n in lengths if n > 0})
+    growing = streaming(log(page))
     assert len(growing) >= 3, f"the answer arrived in {len(growing)} step(s), not streamed: {growing}"
+    # An answer cut by the token limit says so.
+    expect_caption(page, f"cut at the limit of {LONG} new tokens")
     shot = tmp_path / "chat.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     page.context.close()
 
 
-def test_two_users_at_once_each_get_their_whole_answer(browser, server, expected):
-    questions = ["How to live a healthy life?", "Tell me a joke."]
+def expect_caption(page, text: str) -> None:
+    from playwright.sync_api import expect
+
+    answers = page.locator('[data-testid="stChatMessage"]').filter(
+        has=page.locator('[data-testid="stChatMessageAvatarAssistant"]'))
+    expect(answers.last.locator('[data-testid="stCaptionContainer"]').filter(has_text=text)).to_have_count(1)
+
+
+def test_two_users_stream_at_once_and_a_third_waits_in_line(browser, server, expected):
+    """The server batches at most two answers (--max-batch 2): two people stream together, a third sees its place."""
+    questions = ["How to live a healthy life?", "Tell me a joke.", "What is the purpose of life?"]
     wants = [expected(q, LONG) for q in questions]
     assert words(wants[0]) != words(wants[1])
     pages = [open_chat(browser, server, LONG) for _ in questions]
     for page in pages:
         wait_idle(page)
-        page.evaluate(RECORD_LENGTHS_JS)
-    for page, question in zip(pages, questions):
+        record(page)
+    for page, question in zip(pages[:2], questions):
         send(page, question, wait=False)
-    second_sent = pages[1].evaluate("Date.now()")
+    time.sleep(0.5)
+    send(pages[2], questions[2], wait=False)
     for page, want in zip(pages, wants):
         assert words(wait_for_answer(page, want)) == words(want)
-    # The second question went out while the first answer was still streaming: the two really overlapped.
-    changes = list(zip(pages[0].evaluate("window.__changed"), pages[0].evaluate("window.__lengths")))
-    first_answer_done = max(t for (t, n), (_, before) in zip(changes[1:], changes) if n != before)
-    assert second_sent < first_answer_done
+    a, b, c = (log(page) for page in pages)
+    sa, sb = streaming(a), streaming(b)
+    assert abs(sa[0][0] - sb[0][0]) <= 2000, f"first text {abs(sa[0][0] - sb[0][0])} ms apart"
+    # Each streamed while the other was still streaming.
+    assert sum(t < sb[-1][0] for t, _ in sa) >= 10 and sum(t < sa[-1][0] for t, _ in sb) >= 10, (len(sa), len(sb))
+    # The third: never an empty bubble; its place in line until its text comes.
+    bubbles = [entry["bubble"] for entry in c if entry["bubble"] is not None]
+    first_text = next(i for i, entry in enumerate(c) if entry["n"][0] > 0)
+    waiting = [entry["bubble"] for entry in c[:first_text] if entry["bubble"] is not None]
+    assert bubbles and all(text.strip() for text in bubbles)
+    assert any("1st in line" in text for text in waiting), waiting[-3:]
     for page in pages:
         page.context.close()
 
 
-def test_stop_button_ends_the_answer_and_the_chat_goes_on(browser, server, expected, tokenizer):
+def test_stop_button_ends_the_answer_at_once_and_the_chat_goes_on(browser, server, expected, tokenizer):
     from playwright.sync_api import expect
 
     page = open_chat(browser, server, 1000)
@@ -263,14 +324,27 @@ def test_stop_button_ends_the_answer_and_the_chat_goes_on(browser, server, expec
     deadline = time.monotonic() + 60
     while not words(page.evaluate(LAST_ANSWER_JS)) and time.monotonic() < deadline:
         time.sleep(0.02)
-    page.locator(STOP_BUTTON).click()
+    # Clicked and watched inside the page: the time from the click to the answer shown as stopped, without cursor.
+    page.evaluate("""() => {
+      const bubble = """ + LAST_BUBBLE_JS + """;
+      new MutationObserver(() => {
+        const text = bubble() || '';
+        if (window.__stoppedAt === undefined && text.includes('stopped') && !text.includes('▌'))
+          window.__stoppedAt = Date.now();
+      }).observe(document.body, {subtree: true, childList: true, characterData: true});
+      window.__clickedAt = Date.now();
+      [...document.querySelectorAll('button')].find(b => b.innerText.trim().endsWith('Stop')).click();
+    }""")
+    page.wait_for_function("window.__stoppedAt !== undefined", timeout=10_000)
+    delay = page.evaluate("window.__stoppedAt - window.__clickedAt")
+    assert delay <= 500, f"'stopped' shown {delay} ms after the click"
     expect(page.locator(CHAT_INPUT)).to_be_enabled()  # the run is over
     partial = page.evaluate(LAST_ANSWER_JS)
     time.sleep(1.0)
     assert page.evaluate(LAST_ANSWER_JS) == partial  # nothing more arrives
     assert 0 < len(tokenizer(partial).input_ids) < 500  # well short of the 1,000 tokens asked for
 
-    # The stopped answer stays in the conversation, marked as such (shown on the next run)...
+    # The stopped answer stays in the conversation, marked as such...
     set_max_new_tokens(page, SHORT)
     expect(page.locator('[data-testid="stChatMessage"]').nth(1)).to_contain_text("stopped")
     # ...and the model is free again: after Clear chat, a new question gets its whole answer.
@@ -280,3 +354,36 @@ def test_stop_button_ends_the_answer_and_the_chat_goes_on(browser, server, expec
     send(page, "Tell me a joke.")
     assert words(wait_for_answer(page, want)) == words(want)
     page.context.close()
+
+
+def test_compare_mode_streams_both_columns_at_once(browser, compare_server):
+    """Sampled (the default), two models: both columns show text before either finishes, each with its timing."""
+    page = open_chat(browser, compare_server, LONG, greedy=False)
+    record(page, ("tuned", "base"))
+    send(page, "What is the purpose of life?")
+    wait_idle(page, quiet=0.5)
+    entries = log(page)
+    tuned, base = streaming(entries, 0), streaming(entries, 1)
+    assert tuned and base, (len(tuned), len(base))
+    finished = min(tuned[-1][0], base[-1][0])
+    assert tuned[0][0] < finished and base[0][0] < finished, "one column waited for the other"
+    columns = page.locator('[data-testid="stChatMessage"]').last.locator('[data-testid="stColumn"]')
+    for i in range(2):
+        assert "tokens/s" in columns.nth(i).inner_text()
+    page.context.close()
+
+
+def test_the_page_asks_nothing_of_any_host_but_this_one(browser, server, expected):
+    page = open_chat(browser, server, SHORT)
+    send(page, "Hello")
+    wait_for_answer(page, expected("Hello", SHORT))
+    loaded = page.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
+    icons = page.evaluate("[...document.querySelectorAll('link[rel*=icon]')].map(l => l.href)")
+    page.context.close()
+    urls = REQUESTS + loaded + icons  # every request of every page these tests opened
+    assert len(REQUESTS) > 10 and icons
+    from urllib.parse import urlparse
+
+    outside = sorted({u for u in urls if urlparse(u).scheme in ("http", "https", "ws", "wss")
+                      and urlparse(u).hostname != "127.0.0.1"})
+    assert not outside, outside

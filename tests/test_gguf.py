@@ -27,7 +27,7 @@ from dpolab.publish import PublishError, export_model, push_model
 from dpolab.publish.gguf import pre_tokenizer, write_gguf
 from dpolab.publish.modelfile import QA_GO, RAW_GO, go_template, jinja_template
 from dpolab.publish.portable import portable_pickle
-from tests.conftest import _save_tiny, write_jsonl
+from tests.conftest import write_jsonl
 
 GGUF_EXPORT_FILES = {"tiny-lora-f16.gguf", "tiny-lora-q8_0.gguf", "Modelfile", "README.md", "config.json",
                      "model.safetensors", "dpolab.json", "training_args.json", "training_args.bin"}
@@ -160,18 +160,6 @@ def _local_paths(folder: Path, extra: list[Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def tiny_qwen2(tmp_path_factory, tokenizer) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return _save_tiny(Qwen2ForCausalLM(config), tokenizer, tmp_path_factory.mktemp("tiny-qwen2"))
-
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tokenizer, tiny_llama) -> Path:

@@ -114,6 +114,10 @@ def test_the_step_is_the_largest_batch_as_laid_out():
     assert memory.step_shape(records, 2, DPOCollator("packed", 0, 100)) == memory.StepShape(1, 34 + 32, 13 + 1)
     # Over the row budget: two rows, as wide as the longer pair
     assert memory.step_shape(records, 2, DPOCollator("packed", 0, 40)) == memory.StepShape(2, 34, 13 + 1)
+    # FlexAttention: one row whatever the budget, and no dense mask to keep
+    flex = memory.step_shape(records, 2, DPOCollator("packed", 0, 40, attention="flex"))
+    assert flex == memory.StepShape(1, 34 + 32, 13 + 1)
+    assert memory.estimate_memory(SHAPE, 10, 10, flex, dense_mask=False).mask == 0
 
 
 # --------------------------------------------------------------------------------------------- config and CLI

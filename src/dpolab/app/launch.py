@@ -18,16 +18,19 @@ def app_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def page_args(model: str | None = None, compare: str | None = None, runs_dir: str | Path = "runs") -> list[str]:
+def page_args(model: str | None = None, compare: str | None = None, runs_dir: str | Path = "runs",
+              max_batch: int | None = None) -> list[str]:
     """The page's own arguments (parsed by `page.parse_page_args`)."""
     args = [model] if model else []
     if compare:
         args += ["--compare", compare]
+    if max_batch is not None:
+        args += ["--max-batch", str(max_batch)]
     return [*args, "--runs-dir", str(runs_dir)]
 
 
 def streamlit_command(model: str | None = None, compare: str | None = None, port: int = 8501,
-                      host: str = "127.0.0.1", runs_dir: str | Path = "runs") -> list[str]:
+                      host: str = "127.0.0.1", runs_dir: str | Path = "runs", max_batch: int | None = None) -> list[str]:
     return [
         sys.executable, "-m", "streamlit", "run", str(PAGE),
         "--server.headless", "true",  # never try to open a browser on the server
@@ -35,14 +38,21 @@ def streamlit_command(model: str | None = None, compare: str | None = None, port
         "--server.address", host, "--server.port", str(port),
         "--server.fileWatcherType", "none",  # a served app, not a dev loop: no reruns on file changes
         "--client.toolbarMode", "minimal",  # hide the developer menu from users
-        "--", *page_args(model, compare, runs_dir),
+        # A rerun (e.g. the answer's Stop button) waits for the running page to reach its next redraw (<= 0.25 s while
+        # streaming), so the interrupted run records and shows its stopped answer before the new run draws the
+        # history; with fast reruns the new run starts at once, before the old one has recorded anything.
+        "--runner.fastReruns", "false",
+        # No full garbage collection after every page run: with models loaded it delays the next run (the page
+        # after a Stop click) by a large part of a second; Python's own thresholds still collect.
+        "--runner.postScriptGC", "false",
+        "--", *page_args(model, compare, runs_dir, max_batch),
     ]
 
 
 def run_app(model: str | None = None, compare: str | None = None, port: int = 8501, host: str = "127.0.0.1",
-            runs_dir: str | Path = "runs") -> int:
+            runs_dir: str | Path = "runs", max_batch: int | None = None) -> int:
     """Serve the page until interrupted; the exit status of the server (on POSIX this process becomes the server)."""
-    cmd = streamlit_command(model, compare, port, host, runs_dir)
+    cmd = streamlit_command(model, compare, port, host, runs_dir, max_batch)
     env = {"OMP_NUM_THREADS": str(app_threads()), **os.environ,  # an explicit OMP_NUM_THREADS wins
            "TOKENIZERS_PARALLELISM": "false"}  # quiet the tokenizers fork warning in the server
     print(f"dpolab app: serving on http://{host}:{port}  (Ctrl+C to stop)", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """The chat page, run by Streamlit (`dpolab app` launches it). UI only: model names resolve through
 `dpolab.folders.run`/`dpolab.models`, prompts and tokens come from `dpolab.generation`, as in training and evaluation.
 
-Options arrive as Streamlit passes them, in `sys.argv` after `--` ([page, MODEL, --compare BASE, --runs-dir DIR]);
+Options arrive as Streamlit passes them, in `sys.argv` after `--` ([page, MODEL, --compare BASE, --max-batch N, --runs-dir DIR]);
 tests set `sys.argv` the same way.
 """
 
@@ -11,8 +11,8 @@ import argparse
 import queue
 import sys
 import threading
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,16 @@ import streamlit as st
 
 from dpolab import EMBEDDED_MODEL
 from dpolab.folders.info import RunInfo, load_run_info
-from dpolab.generation import (
-    GenerationSettings,
-    build_prompt,
-    context_limit,
-    stream_text,
-)
+from dpolab.generation import GenerationSettings, build_prompt, context_limit
 from dpolab.models import load_model, load_tokenizer, model_folder
+from dpolab.serving import DEFAULT_MAX_BATCH, DecodeEngine, Ended, Queued, Request, Text
 
 EXAMPLES = ("What is the purpose of life?", "How to live a healthy life?", "How do I make good tea?",
             "Tips for a job interview?")
 DEFAULTS = GenerationSettings()
 FIX_HINT = ("Run `make demo` to train the demo run, or pass a model folder: `dpolab app runs/NAME` "
             f"(a run, a sweep's folder, an exported model folder, or `{EMBEDDED_MODEL}`).")
+ICON = Path(__file__).resolve().parents[1] / "resources" / "chat-icon.png"
 CURSOR = " ▌"
 EMPTY = "_(empty answer: the model ended at once)_"
 
@@ -43,6 +40,7 @@ def parse_page_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("model", nargs="?")
     parser.add_argument("--compare")
     parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
     # Only our own argv is ours to parse: imported elsewhere (e.g. by pytest), sys.argv belongs to someone else.
     ours = bool(argv) and Path(argv[0]).resolve() == Path(__file__).resolve()
     return parser.parse_args(argv[1:] if ours else [])
@@ -61,21 +59,22 @@ def find_runs(runs_dir: Path) -> list[str]:
 class Loaded:
     model: Any
     tokenizer: Any
-    lock: threading.Lock  # one generation at a time on this model, whichever browser session asks
+    engine: DecodeEngine  # batches the answers of everyone asking this model at once
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def load(resolved: str) -> Loaded:
+def load(resolved: str, max_batch: int = DEFAULT_MAX_BATCH) -> Loaded:
     """Once per process and model (keyed by the resolved folder/Hub id); shared by every browser session."""
     model = load_model(resolved).eval()
-    return Loaded(model, load_tokenizer(resolved), threading.Lock())
+    tokenizer = load_tokenizer(resolved)
+    return Loaded(model, tokenizer, DecodeEngine(model, tokenizer, max_batch=max_batch))
 
 
 class ModelProblem(Exception):
     pass
 
 
-def open_model(name: str) -> tuple[RunInfo, Loaded]:
+def open_model(name: str, max_batch: int = DEFAULT_MAX_BATCH) -> tuple[RunInfo, Loaded]:
     path = Path(name).expanduser()
     # `runs/typo` would otherwise be taken for a Hub id and fail with a confusing network error.
     if not path.exists() and path.parent != Path(".") and path.parent.is_dir():
@@ -84,7 +83,7 @@ def open_model(name: str) -> tuple[RunInfo, Loaded]:
         info = load_run_info(name)
         if info.method == "reward":  # a score head: nothing to chat with (the CLI refuses it before serving)
             raise ModelProblem("a reward model (method reward) scores answers and cannot generate any")
-        return info, load(info.model)
+        return info, load(info.model, max_batch)
     except Exception as exc:  # every failure becomes a message on the page, never a traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelProblem(message) from exc
@@ -95,64 +94,116 @@ def show_problem(role: str, name: str, problem: ModelProblem) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- generation
-def tee(pieces: Iterable[str], sink: list[str]) -> Iterator[str]:
-    """Yield `pieces`, keeping what was shown in `sink` (an interrupted stream keeps its partial answer)."""
-    for piece in pieces:
-        sink.append(piece)
-        yield piece
-
-
 def truncation_notice(loaded: Loaded, settings: GenerationSettings) -> None:
     st.warning(f"The conversation no longer fits the model's context of {context_limit(loaded.model)} tokens with "
                f"{settings.max_new_tokens} kept for the answer, so its oldest part was left out. *Clear chat* to start "
                "afresh, or lower *Max new tokens*.", icon=":material/content_cut:")
 
 
-def stream_one(loaded: Loaded, template: str, prompt: str, settings: GenerationSettings, stop: threading.Event,
-               sink: list[str]) -> bool:
-    """Stream one answer into the current container; whether the prompt was truncated."""
-    pieces, truncated = stream_text(loaded.model, loaded.tokenizer, prompt, template, settings, stop=stop, lock=loaded.lock)
-    if truncated:
-        truncation_notice(loaded, settings)
-    st.write_stream(tee(pieces, sink), cursor=CURSOR)
-    return truncated
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
-def stream_side_by_side(jobs: list[tuple[Loaded, str]], template: str, settings: GenerationSettings,
-                        stop: threading.Event, sinks: list[list[str]], columns) -> list[bool]:
-    """Stream several answers at once, each into its column, in the order their pieces arrive."""
-    merged: queue.Queue = queue.Queue()
-    flags, slots = [], []
+def waiting_text(queued: Queued | None, since: float) -> str:
+    """What an answer without text yet says: its place in line, or that the model is reading the prompt."""
+    if queued is None:
+        return f"reading the prompt… {time.monotonic() - since:.0f} s"
+    eta = "" if queued.eta_s is None else f", about {max(queued.eta_s, 1):.0f} s"
+    return f"waiting for the model: {ordinal(queued.position)} in line{eta} (others are being answered)"
 
-    def pump(index: int, pieces: Iterator[str]) -> None:
-        try:
-            for piece in pieces:
-                merged.put((index, piece))
-        except Exception as exc:  # e.g. the streamer's timeout: end this column with a message, not a hang
-            merged.put((index, f"\n\n[generation failed: {type(exc).__name__}]"))
-        merged.put((index, None))
 
-    for index, ((loaded, prompt), column) in enumerate(zip(jobs, columns)):
-        pieces, truncated = stream_text(loaded.model, loaded.tokenizer, prompt, template, settings, stop=stop,
-                                        lock=loaded.lock)
-        flags.append(truncated)
-        with column:
-            if truncated:
-                truncation_notice(loaded, settings)
-            slots.append(st.empty())
-            # Sampled answers take turns on the RNG (see generation.py): say why a column is still blank.
-            slots[-1].caption("waiting for the model…")
-        threading.Thread(target=pump, args=(index, pieces), daemon=True).start()
-    open_streams = len(jobs)
-    while open_streams:
-        index, piece = merged.get()
-        if piece is None:
-            open_streams -= 1
-            slots[index].markdown("".join(sinks[index]) or EMPTY)
-            continue
-        sinks[index].append(piece)
-        slots[index].markdown("".join(sinks[index]) + CURSOR)
-    return flags
+def ending_note(reason: str | None, max_new_tokens: int) -> str | None:
+    """The caption under a finished answer when the model did not end it itself."""
+    if reason == "length":
+        return f":material/more_horiz: cut at the limit of {max_new_tokens} new tokens (*Max new tokens*)"
+    if reason == "stopped":
+        return ":material/stop_circle: stopped"
+    return None
+
+
+def timing_note(timing: dict | None) -> str | None:
+    if not timing or not timing.get("tokens"):
+        return None
+    rate = timing["tokens"] / max(timing["total_s"] - (timing["first_s"] or 0), 1e-3)
+    return f"{timing['tokens']} tokens · first text after {timing['first_s']:.1f} s · {rate:.0f} tokens/s"
+
+
+@dataclass
+class Stream:
+    """One answer streaming into one slot of the page."""
+
+    request: Request
+    slot: Any  # an st.empty()
+    sink: list[str]
+    started: float = field(default_factory=time.monotonic)
+    queued: Queued | None = None
+    first_text: float | None = None
+    finished: float | None = None
+    ended: Ended | None = None
+    drawn: float = 0.0
+
+    def timing(self) -> dict:
+        end = self.finished or time.monotonic()
+        return {"first_s": None if self.first_text is None else round(self.first_text - self.started, 2),
+                "total_s": round(end - self.started, 2), "tokens": len(self.request.generated)}
+
+    def take(self) -> bool:
+        """Apply the events that have arrived; whether any did."""
+        changed = False
+        while self.ended is None:
+            try:
+                event = self.request.events.get_nowait()
+            except queue.Empty:
+                return changed
+            changed = True
+            if isinstance(event, Queued):
+                self.queued = event
+            elif isinstance(event, Text):
+                self.queued = None
+                self.first_text = self.first_text or time.monotonic()
+                self.sink.append(event.piece)
+            elif isinstance(event, Ended):
+                self.ended, self.finished = event, time.monotonic()
+        return changed
+
+
+def stream_answers(streams: list[Stream], poll: float = 0.02, redraw: float = 0.25) -> None:
+    """Show every stream in its slot as its events arrive, all at once, until each has ended; then its final form.
+
+    A slot is redrawn at least every `redraw` s while waiting: each redraw is a point where Streamlit can end this
+    run when the user clicks Stop (or does anything else), so even a waiting answer stops at once."""
+    while any(s.ended is None for s in streams):
+        changed = False
+        for s in streams:
+            if s.ended is not None:
+                continue
+            fresh = s.take()
+            changed |= fresh
+            now = time.monotonic()
+            if s.ended is not None:
+                show_final(s.slot, "".join(s.sink), s.ended.reason, s.request.settings.max_new_tokens, s.ended.error,
+                           s.timing())
+            elif fresh or now - s.drawn > redraw:
+                if s.sink:
+                    s.slot.markdown("".join(s.sink) + CURSOR)
+                else:
+                    s.slot.caption(waiting_text(s.queued, s.started))
+                s.drawn = now
+        if not changed:
+            time.sleep(poll)
+
+
+def show_final(slot, text: str, reason: str | None, max_new_tokens: int, error: str | None = None,
+               timing: dict | None = None) -> None:
+    """A finished answer: its text (never an empty bubble), why it ended if the model did not end it, its timing."""
+    with slot.container():
+        if text.strip() or reason != "error":
+            st.markdown(text if text.strip() else EMPTY)
+        if reason == "error":
+            st.error(f"Generation failed: {error}", icon=":material/error:")
+        notes = [n for n in (ending_note(reason, max_new_tokens), timing_note(timing)) if n]
+        if notes:
+            st.caption(" · ".join(notes))
 
 
 # --------------------------------------------------------------------------------------------------------- the page
@@ -203,10 +254,10 @@ def history_for(messages: list[dict], side: str) -> list[tuple[str, str]]:
     return turns
 
 
-def show_answer(text: str, stopped: bool) -> None:
-    st.markdown(text if text.strip() else EMPTY)
-    if stopped:
-        st.caption(":material/stop_circle: stopped")
+def show_answer(message: dict, side: str) -> None:
+    end = (message.get("ends") or {}).get(side) or {}
+    reason = end.get("reason", "stopped" if message.get("stopped") else None)
+    show_final(st.empty(), message[side], reason, message.get("max_new_tokens", 0), end.get("error"), end.get("timing"))
 
 
 def show_history(messages: list[dict], labels: tuple[str, str]) -> None:
@@ -221,9 +272,9 @@ def show_history(messages: list[dict], labels: tuple[str, str]) -> None:
                 for column, side, label in zip(st.columns(2), ("tuned", "base"), labels):
                     with column:
                         st.markdown(f"**{label}**")
-                        show_answer(message[side], message.get("stopped", False))
+                        show_answer(message, side)
             else:
-                show_answer(message["tuned"], message.get("stopped", False))
+                show_answer(message, "tuned")
 
 
 def answer(text: str, tuned: tuple[RunInfo, Loaded], base: tuple[RunInfo, Loaded] | None, settings: GenerationSettings,
@@ -232,41 +283,69 @@ def answer(text: str, tuned: tuple[RunInfo, Loaded], base: tuple[RunInfo, Loaded
     info, loaded = tuned
     with st.chat_message("user"):
         st.markdown(text)
+    sides = [("tuned", loaded)] + ([("base", base[1])] if base else [])
     try:
-        prompts = [build_prompt(text, info.template, loaded.tokenizer, history_for(messages, "tuned"))]
-        if base:
-            prompts.append(build_prompt(text, info.template, base[1].tokenizer, history_for(messages, "base")))
+        prompts = [build_prompt(text, info.template, model.tokenizer, history_for(messages, side)) for side, model in sides]
     except ValueError as exc:  # e.g. template 'chat' with a tokenizer that has none
         st.error(f"Cannot format the prompt: {exc}")
         return
     messages.append({"role": "user", "content": text})
-    reply: dict = {"role": "assistant", "tuned": ""}
-    sinks: list[list[str]] = [[], []]
     stop = threading.Event()  # set on every way out: done, the Stop button, a new message, a closed tab
-    outcome = "interrupted"
+    streams: list[Stream] = []
+    failure, stop_slot = None, None
     with st.chat_message("assistant"):
         try:
-            if base:
-                columns = st.columns(2)
-                for column, label in zip(columns, labels):
-                    column.markdown(f"**{label}**")
-                flags = stream_side_by_side([(loaded, prompts[0]), (base[1], prompts[1])], info.template, settings,
-                                            stop, sinks, columns)
-            else:
-                flags = [stream_one(loaded, info.template, prompts[0], settings, stop, sinks[0])]
-            reply["truncated"] = any(flags)
-            outcome = "done"
-        except Exception as exc:  # a failed generation is reported in the chat, the app stays usable
-            outcome = "failed"
-            st.error(f"Generation failed: {type(exc).__name__}: {exc}")
+            columns = st.columns(2) if base else [st.container()]
+            # Both requests go in before either streams: with one model each, the two columns decode at once.
+            for column, label, (side, model), prompt in zip(columns, labels, sides, prompts):
+                with column:
+                    if base:
+                        st.markdown(f"**{label}**")
+                    request = model.engine.submit(prompt, info.template, settings, stop)
+                    if request.truncated:
+                        truncation_notice(model, settings)
+                    streams.append(Stream(request, st.container(key=f"live-{side}").empty(), []))
+            stop_slot = st.empty()
+            # A click reruns the page: Streamlit ends this run at its next redraw and `finally` stops the engine.
+            stop_slot.button("Stop", icon=":material/stop_circle:", key="stop_answer",
+                             help="End the answer now; what it said so far stays in the chat.")
+            stream_answers(streams)
+            stop_slot.empty()
+        except Exception as exc:  # a failed page step is reported in the chat, the app stays usable
+            failure = f"{type(exc).__name__}: {exc}"
+            st.error(f"Generation failed: {failure}", icon=":material/error:")
         finally:
-            # Streamlit ends an interrupted run by raising inside write_stream: stop the worker, keep the partial text.
+            # Streamlit ends an interrupted run (Stop, a new rerun, a closed tab) by raising at a redraw: stop the
+            # engine's work on these answers, keep what was shown.
             stop.set()
-            reply["tuned"] = "".join(sinks[0])
-            if base:
-                reply["base"] = "".join(sinks[1])
-            reply["stopped"] = outcome == "interrupted"
+            reply = reply_record([side for side, _ in sides], streams, failure, settings)
             messages.append(reply)
+            try:  # show it stopped at once: the rerun after a Stop click reaches this message only after the sidebar
+                for (side, _), s in zip(sides, streams):
+                    if s.ended is None:
+                        end = reply["ends"][side]
+                        show_final(s.slot, reply[side], end["reason"], settings.max_new_tokens, end["error"],
+                                   end["timing"])
+                if stop_slot is not None:
+                    stop_slot.empty()
+            except BaseException:  # noqa: BLE001 - a closed tab or the toolbar's Stop: nothing can be drawn any more
+                pass
+
+
+def reply_record(sides: list[str], streams: list[Stream], failure: str | None, settings: GenerationSettings) -> dict:
+    """The assistant message kept in the chat: each side's text and how it ended ('stopped' if it had not)."""
+    reply: dict = {"role": "assistant", "truncated": any(s.request.truncated for s in streams),
+                   "max_new_tokens": settings.max_new_tokens, "ends": {}}
+    for index, side in enumerate(sides):
+        s = streams[index] if index < len(streams) else None
+        reply[side] = "".join(s.sink) if s else ""
+        if s is not None and s.ended is not None:
+            reply["ends"][side] = {"reason": s.ended.reason, "error": s.ended.error, "timing": s.timing()}
+        else:
+            reply["ends"][side] = {"reason": "error" if failure else "stopped", "error": failure,
+                                   "timing": s.timing() if s else None}
+    reply["stopped"] = any(end["reason"] == "stopped" for end in reply["ends"].values())
+    return reply
 
 
 def sidebar(args: argparse.Namespace, compare_default: bool):
@@ -294,7 +373,8 @@ def main() -> None:
     args = parse_page_args(sys.argv)
     compare_default = bool(args.compare)
     compare_on = st.session_state.get("compare", compare_default)
-    st.set_page_config(page_title="dpolab chat", page_icon=":material/forum:",
+    # A local file: a `:material/…:` page icon makes the browser fetch it from a font host, and the app stays offline.
+    st.set_page_config(page_title="dpolab chat", page_icon=str(ICON),
                        layout="wide" if compare_on else "centered")
     st.session_state.setdefault("messages", [])
     name, compare, base_slot, about_slot, settings = sidebar(args, compare_default)
@@ -304,7 +384,7 @@ def main() -> None:
                "by people and one rejected, so that it leans toward the preferred kind. Tick *Compare* in the sidebar "
                "to see the base model it started from answer the same prompt beside it.")
     try:
-        tuned = open_model(name)
+        tuned = open_model(name, args.max_batch)
     except ModelProblem as problem:
         show_problem("", name, problem)
         return
@@ -316,7 +396,7 @@ def main() -> None:
             base_name = st.text_input("Base model", value=base_name, key="base_name",
                                       help="Defaults to the model the run started from.").strip() or base_name
         try:
-            base = open_model(base_name)
+            base = open_model(base_name, args.max_batch)
         except ModelProblem as problem:
             show_problem("base ", base_name, problem)
     with about_slot.expander("About this model", icon=":material/info:"):
@@ -332,7 +412,8 @@ def main() -> None:
                       on_click=lambda text=example: st.session_state.update(pending=text))
 
     show_history(st.session_state.messages, labels)
-    text = st.chat_input("Ask the model something…", submit_mode="stop", key="prompt")
+    # "disable": no new message while an answer streams; the answer's own Stop button ends it (see answer()).
+    text = st.chat_input("Ask the model something…", submit_mode="disable", key="prompt")
     text = st.session_state.pop("pending", None) or text
     if text is not None and text.strip():  # an empty or blank message is ignored
         answer(text.strip(), tuned, base, settings, labels)

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from dpolab import EMBEDDED_MODEL
+from dpolab.serving import DEFAULT_MAX_BATCH
 
 
 def app_command(
@@ -24,13 +25,18 @@ def app_command(
     host: str = typer.Option("127.0.0.1", "--host",
                              help="Address to listen on; 0.0.0.0 serves other machines too (no authentication!)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the page looks for runs when MODEL is not given."),
+    max_batch: int = typer.Option(
+        DEFAULT_MAX_BATCH, "--max-batch", min=1,
+        help="Answers one model generates at once (batched decoding steps); further users wait in line and see "
+             "their place. 1 serves one answer at a time."),
 ) -> None:
     """Chat with a model in the browser: answers stream token by token, optionally beside the base model's.
 
     Prompts are formatted with the template the model was trained with (read from its run folder). The sidebar sets
     the generation settings (max new tokens, temperature, top-p, top-k, repetition penalty, seed, greedy) and shows
     what the run recorded (base model, dataset, beta, eval metrics). Models are loaded once per server and shared by
-    every browser tab; generations on one model take turns, so simultaneous users each get their whole answer.
+    every browser tab; people asking at the same time share one batched generation per model (up to --max-batch answers
+    stream at once, the rest wait in line and see their place), and each answer is what its seed gives alone.
 
     Examples:
 
@@ -45,7 +51,7 @@ def app_command(
     for name in (model, compare):
         if name is not None:
             check_loadable(name)
-    raise typer.Exit(run_app(model, compare, port=port, host=host, runs_dir=runs_dir))
+    raise typer.Exit(run_app(model, compare, port=port, host=host, runs_dir=runs_dir, max_batch=max_batch))
 
 
 def check_loadable(name: str) -> None:

@@ -1,14 +1,22 @@
 """Batch layouts. Both give the model inputs plus a gather plan: which kept position predicts which target token.
 
 padded: chosen and rejected as 2B separate right-padded rows (the layout TRL uses), causal attention.
-packed: each pair once as `prompt · chosen · rejected`; the pairs of a batch are spread over R = ⌈tokens/budget⌉
-        rows balanced by length (longest-first onto the lightest row), rows padded to the longest. Position ids
-        restart at 0 for each pair and continue from the prompt for *both* responses; a 4D boolean mask lets chosen
-        see prompt+chosen, rejected see prompt+rejected (never chosen), and no pair see another. The first rejected
-        token is predicted from the prompt's last position, like the first chosen one.
-On the HH train split (batches of 8 pairs): padded computes 3.6x the unique tokens; packed with budget 1024 keeps
-97% of computed tokens useful (first-fit rows padded to the widest kept only 77%). One forward per step, so the
-same path runs under DDP/FSDP/DeepSpeed (they need every forward to go through the wrapped model).
+packed: each pair once as `prompt · chosen · rejected`. Position ids restart at 0 for each pair and continue from
+        the prompt for *both* responses; the mask lets chosen see prompt+chosen, rejected see prompt+rejected (never
+        chosen), and no pair see another. The first rejected token is predicted from the prompt's last position,
+        like the first chosen one. The segments (`owner` pair index, `kind` prompt/chosen/rejected/pad, (R, L))
+        define the mask; how it reaches the model depends on the attention (engine/flex.py decides which):
+        sdpa: R = ⌈tokens/budget⌉ rows with the widest as narrow as it gets (`balance_rows`), padded to it, and a
+              dense (R, 1, L, L) boolean mask — attention costs R·L², so rows stay about `budget` long.
+        flex: all pairs in one row, no padding; the model builds a FlexAttention BlockMask from the segments, whose
+              tiles where pairs do not meet are skipped, so the row's length costs nothing there.
+Token efficiency (unique tokens / computed tokens) on the HH train split (1,793 pairs, max_length 512, batches of 8
+pairs in the trainer's seeded order): padded computes 3.6x the unique tokens; packed sdpa with the default budget
+1024 keeps 99.2% useful (qa and raw templates; longest-first onto the lightest row alone kept 97.7%, first-fit rows
+77%), with budget 512 90% (pairs of up to ~1,000 tokens over ~4 rows); packed flex 100%. What sdpa still pads is
+the optimum for its R (e.g. pairs of 538, 533, 391, 376, … tokens over 3 rows: two of the four share one). One
+forward per step, so the same path runs under DDP/FSDP/DeepSpeed (they need every forward to go through the wrapped
+model).
 Both also give `score_index` (2B,): where a reward model reads each sequence's score (chosen 0..B-1, then rejected),
 as flat indices into (rows·width). It is the sequence's last token that is not `pad_id`, the position
 `AutoModelForSequenceClassification` pools at (the rightmost non-pad token), so a saved reward model scores a text
@@ -77,23 +85,61 @@ def padded_batch(pairs: Sequence[dict[str, Any]], pad_id: int, prompt_targets: b
             **_finish(n, width, keep, entries)}
 
 
-def balance_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Pair indices spread over ⌈Σ lengths / budget⌉ rows, longest first onto the lightest row (LPT scheduling)."""
+def balance_rows(lengths: Sequence[int], budget: int, search: int = 20_000) -> list[list[int]]:
+    """Pair indices spread over R = ⌈Σ lengths / budget⌉ rows with the widest row as narrow as it gets: longest
+    first onto the lightest row (LPT scheduling), then a depth-first search over assignments (longest first, rows
+    of equal load tried once, branches that cannot beat the best cut) for at most `search` steps, stopping at the
+    bound max(⌈Σ/R⌉, longest pair). Deterministic: the same lengths give the same rows."""
     n_rows = max(1, min(len(lengths), math.ceil(sum(lengths) / budget)))
-    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     loads = [0] * n_rows
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        lightest = loads.index(min(loads))
-        rows[lightest].append(index)
-        loads[lightest] += lengths[index]
+    assign = []
+    for index in order:
+        assign.append(loads.index(min(loads)))
+        loads[assign[-1]] += lengths[index]
+    best = _narrowest(order, lengths, n_rows, (max(loads), assign), search)[1]
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    for index, row in zip(order, best, strict=True):
+        rows[row].append(index)
     return [sorted(row) for row in rows if row]
 
 
-def packed_batch(pairs: Sequence[dict[str, Any]], pad_id: int, token_budget: int, prompt_targets: bool = False
-                 ) -> dict[str, Any]:
+def _narrowest(order: list[int], lengths: Sequence[int], n_rows: int, best: tuple[int, list[int]], steps: int
+               ) -> tuple[int, list[int]]:
+    """(widest row, row of each pair in `order`): `best` or an assignment found narrower within `steps` steps."""
+    bound = max(math.ceil(sum(lengths) / n_rows), max(lengths, default=0))
+    loads, assign, left = [0] * n_rows, [], [steps]
+
+    def place(k: int) -> None:
+        nonlocal best
+        if left[0] <= 0 or best[0] <= bound:
+            return
+        left[0] -= 1
+        if k == len(order):
+            best = (max(loads), list(assign))
+            return
+        tried = set()
+        for row in range(n_rows):
+            if loads[row] in tried or loads[row] + lengths[order[k]] >= best[0]:
+                continue
+            tried.add(loads[row])  # rows of equal load are interchangeable
+            loads[row] += lengths[order[k]]
+            assign.append(row)
+            place(k + 1)
+            assign.pop()
+            loads[row] -= lengths[order[k]]
+
+    place(0)
+    return best
+
+
+def packed_batch(pairs: Sequence[dict[str, Any]], pad_id: int, token_budget: int, prompt_targets: bool = False,
+                 attention: str = "sdpa") -> dict[str, Any]:
+    """`attention` sdpa: rows from `balance_rows` and the dense mask (`packed_mask`) as `attention_mask`; flex: all
+    pairs in one row (no padding) and no dense mask — the model builds a BlockMask from `owner` and `kind`."""
     n = len(pairs)
     lengths = [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs]
-    rows = balance_rows(lengths, token_budget)
+    rows = balance_rows(lengths, token_budget) if attention == "sdpa" else [list(range(n))]
     width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (R, L)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (R, L)
@@ -126,14 +172,23 @@ def packed_batch(pairs: Sequence[dict[str, Any]], pad_id: int, token_budget: int
                 keep[r, offset:last_prompt] = True
                 entries.append((2 * n + index, r, p[1:], offset, offset + 1))
             offset += lengths[index]
-    # (R, 1, L, L): query i may attend key j iff same pair, j <= i, and not (i rejected, j chosen); padding sees itself.
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    mask = (owner[:, :, None] == owner[:, None, :]) & causal & (owner[:, :, None] >= 0)
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "owner": owner, "kind": kind,
+             "real_tokens": sum(lengths), "computed_tokens": input_ids.numel(), "score_index": score_index,
+             **_finish(n, width, keep, entries)}
+    if attention == "sdpa":
+        batch["attention_mask"] = packed_mask(owner, kind)
+    return batch
+
+
+def packed_mask(owner: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+    """(R, L) pair index and kind -> (R, 1, L, L) boolean mask: query i may attend key j iff same pair, j <= i, and
+    not (i rejected, j chosen); padding sees itself (a row with no key would give SDPA NaNs)."""
+    width = owner.shape[-1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=owner.device).tril()
+    mask = (owner[:, :, None] == owner[:, None, :]) & causal & (owner[:, :, None] >= 0)  # (R, L, L)
     mask &= ~((kind[:, :, None] == REJECTED) & (kind[:, None, :] == CHOSEN))
-    mask |= torch.eye(width, dtype=torch.bool)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None],
-            "real_tokens": sum(lengths), "computed_tokens": input_ids.numel(), "score_index": score_index,
-            **_finish(n, width, keep, entries)}
+    mask |= torch.eye(width, dtype=torch.bool, device=owner.device)
+    return mask[:, None]
 
 
 def to_device(batch: Any, device) -> Any:

@@ -21,7 +21,7 @@ import contextlib
 import torch
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-PACKED_ATTENTION = ("sdpa",)
+PACKED_ATTENTION = ("sdpa", "flex_attention")  # what honours the packed mask (tested)
 KEEP_LOGITS_BYTES = 256 * 2**20  # head_logps keeps the fp32 (K, V) logits for backward up to this size, else recomputes
 
 
@@ -147,14 +147,26 @@ def _head_swapped(model, head):
 
 
 def model_inputs(model, batch: dict) -> dict:
-    """The model's inputs of a layout batch, after checking that its attention honours the packed 4D mask."""
-    mask = batch.get("attention_mask")
+    """The model's inputs of a layout batch. A packed batch's mask follows the model's attention: a BlockMask built
+    from the batch's segments (`owner`, `kind`) for flex attention, the dense 4D mask for SDPA (built from the
+    segments when the batch was laid out for flex); other attentions are refused."""
     implementation = _config(model)._attn_implementation
-    if mask is not None and mask.dim() == 4 and implementation not in PACKED_ATTENTION:
+    inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+    if "owner" not in batch:  # padded layout: a 2D mask every attention honours
+        return inputs
+    if implementation not in PACKED_ATTENTION:
         # Measured: eager attention does not honour the custom 4D mask the same way (log-probs off by ~1 nat).
         raise ValueError(f"the packed layout needs attention in {PACKED_ATTENTION} (the model uses {implementation!r}); "
                          f"load it with attn_implementation='sdpa' or use layout padded")
-    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+    if implementation == "flex_attention":
+        from dpolab.engine.flex import packed_block_mask
+
+        inputs["attention_mask"] = packed_block_mask(batch["owner"], batch["kind"])
+    elif "attention_mask" not in inputs:
+        from dpolab.engine.layout import packed_mask
+
+        inputs["attention_mask"] = packed_mask(batch["owner"], batch["kind"])
+    return inputs
 
 
 def batch_token_logps(model, batch: dict, chunk: int = 1024) -> torch.Tensor:

@@ -16,7 +16,7 @@ libraries, tokenizer, prepared data — is already outside what the device repor
                             step (a half-precision copy of the weights, 2·P, on top under autocast: autocast's cache)
     M = 4·L·R·W²            the attention mask of a step of R rows W wide, which each of the L layers' sdpa turns
                             into an fp32 bias and keeps for backward (an upper bound: none for a padded batch
-                            without padding, which runs causal without a mask)
+                            without padding, which runs causal without a mask; none with FlexAttention's BlockMask)
     head                    the output head (`logprobs.head_logps`): the fp32 (K, V) logits it keeps up to
                             KEEP_LOGITS_BYTES, two (min(K, chunk), V) fp32 buffers alive while a chunk's
                             log-sum-exp is taken (its logits and logsumexp's exp), and the (K, H) hidden states
@@ -158,7 +158,7 @@ class StepShape:
 
 def estimate_memory(shape: ModelShape, params: int, trainable: int, step: StepShape, *, half: bool = False,
                     checkpointing: bool = False, scored: bool = False, reference_params: int | None = None,
-                    keep_limit: int = 256 * 2**20) -> MemoryEstimate:
+                    dense_mask: bool = True, keep_limit: int = 256 * 2**20) -> MemoryEstimate:
     """The estimate of the module docstring. `scored`: a reward model's one-output head (no (K, V) buffers);
     `reference_params`: None without a reference pass, 0 when the policy is its own reference, else the
     separate reference model's parameters."""
@@ -170,7 +170,7 @@ def estimate_memory(shape: ModelShape, params: int, trainable: int, step: StepSh
     return MemoryEstimate(
         weights=4 * params, grads=4 * trainable, optimizer=8 * trainable, optimizer_step=4 * trainable,
         activations=math.ceil(activation_bytes_per_token(shape, half, checkpointing) * tokens),
-        mask=4 * (1 if checkpointing else shape.layers) * step.rows * step.width**2,
+        mask=4 * (1 if checkpointing else shape.layers) * step.rows * step.width**2 if dense_mask else 0,
         autocast_copies=2 * params if half else 0, head=head, reference=reference, tokens=tokens, kept=kept)
 
 

@@ -99,17 +99,21 @@ def plan(cfg: TrainConfig, prepared_report: dict[str, Any], n_params: int | None
             "estimated_train_flops": int(6 * (n_params or 0) * per_pair * steps * pairs_per_step)}
 
 
-def count_parameters(model_name: str) -> tuple[int, Any]:
-    """Parameters from the config alone, on the meta device: no weights loaded."""
+def meta_model(model_name: str):
+    """The model built from its config on the meta device: shapes and class, no weights loaded."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from dpolab.models import load_model_config
 
-    config = load_model_config(model_name)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters()), config
+        return AutoModelForCausalLM.from_config(load_model_config(model_name))
+
+
+def count_parameters(model_name: str) -> tuple[int, Any]:
+    """Parameters from the config alone, on the meta device: no weights loaded."""
+    model = meta_model(model_name)
+    return sum(p.numel() for p in model.parameters()), model.config
 
 
 def dry_run(cfg: TrainConfig) -> dict[str, Any]:
@@ -192,7 +196,11 @@ def reference_logps(cfg: TrainConfig, runtime: Runtime, records: list[dict], pol
 
     def load_reference():
         # The starting policy *is* the reference unless another is named: no second copy in memory.
-        return policy if cfg.ref_model is None else load_model(cfg.ref_model).to(runtime.device)
+        if cfg.ref_model is None:
+            return policy
+        reference = load_model(cfg.ref_model).to(runtime.device)
+        with_attention(cfg, reference, runtime.device)  # a flex-laid batch on an SDPA model gets the dense mask
+        return reference
 
     variant = f"ld_alpha={cfg.ld_alpha}" if cfg.ld_alpha is not None else ""
     meta = {"reference": ref_name, "weights": key, "dtype": str(runtime.dtype), "variant": variant}
@@ -200,6 +208,17 @@ def reference_logps(cfg: TrainConfig, runtime: Runtime, records: list[dict], pol
     with torch.autocast(runtime.device, dtype=runtime.dtype, enabled=runtime.precision != "fp32"):
         return refcache.ensure_reference(records, path, load_reference, collator,
                                          cfg.eval_batch_size or refcache.REFERENCE_BATCH, runtime.device, meta)
+
+
+def with_attention(cfg: TrainConfig, model, device) -> str:
+    """The run's packed-layout attention for `model` on `device` ('sdpa' or 'flex', see engine/flex.py), set on it."""
+    from dpolab.engine.flex import resolve_attention, use_attention
+
+    attention = resolve_attention(cfg.attention, cfg.layout, model, device)
+    use_attention(model, attention)
+    if cfg.attention == "auto" and cfg.layout == "packed":
+        log.info("packed layout attention: %s", attention)
+    return attention
 
 
 def load_policy(cfg: TrainConfig, tokenizer):
@@ -360,11 +379,11 @@ def save_outputs(run: RunFolder, trainer, cfg: TrainConfig) -> None:
         run.write_state(trainer.state)
 
 
-def collator_for(cfg: TrainConfig, tokenizer):
+def collator_for(cfg: TrainConfig, tokenizer, attention: str):
     from dpolab.engine.trainer import DPOCollator
 
     return DPOCollator(cfg.layout, tokenizer.pad_token_id, cfg.token_budget or 2 * cfg.data.max_length, cfg.ld_alpha,
-                       prompt_targets=cfg.method == "orpo")
+                       prompt_targets=cfg.method == "orpo", attention=attention)
 
 
 def trainable_parameters(cfg: TrainConfig, model_config, params: int) -> int:
@@ -379,17 +398,21 @@ def trainable_parameters(cfg: TrainConfig, model_config, params: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def memory_estimates(cfg: TrainConfig, runtime: Runtime, records: list[dict], collate):
-    """(without, with) checkpointing estimates of the run's peak memory (engine/memory.py), no weights loaded."""
+def memory_estimates(cfg: TrainConfig, runtime: Runtime, records: list[dict], tokenizer):
+    """(without, with) checkpointing estimates of the run's peak memory (engine/memory.py), no weights loaded: the
+    steps laid out as the run will lay them (the attention the model will get decides the packed rows and mask)."""
     from dpolab.engine import memory
+    from dpolab.engine.flex import resolve_attention
     from dpolab.engine.methods import REFERENCE_FREE, SCORED
 
-    params, model_config = count_parameters(cfg.model)
+    model = meta_model(cfg.model)
+    params, model_config = sum(p.numel() for p in model.parameters()), model.config
+    attention = resolve_attention(cfg.attention, cfg.layout, model, runtime.device)
     reference = None
     if cfg.method not in REFERENCE_FREE:
         reference = 0 if cfg.ref_model is None else count_parameters(cfg.ref_model)[0]
-    step = memory.step_shape(records, cfg.batch_size, collate)
-    common = dict(shape=memory.model_shape(model_config), params=params, step=step,
+    step = memory.step_shape(records, cfg.batch_size, collator_for(cfg, tokenizer, attention))
+    common = dict(shape=memory.model_shape(model_config), params=params, step=step, dense_mask=attention == "sdpa",
                   trainable=trainable_parameters(cfg, model_config, params), half=runtime.precision != "fp32",
                   scored=cfg.method in SCORED, reference_params=reference)
     return memory.estimate_memory(**common), memory.estimate_memory(**common, checkpointing=True)
@@ -404,7 +427,7 @@ def memory_plan(cfg: TrainConfig, records: list[dict]) -> dict[str, Any]:
         runtime = resolve_runtime(cfg.precision)
     except ConfigError as exc:  # fp16 on a CPU: the run itself will say so
         return {"unavailable": str(exc)}
-    off, on = memory_estimates(cfg, runtime, records, collator_for(cfg, load_tokenizer(cfg.model)))
+    off, on = memory_estimates(cfg, runtime, records, load_tokenizer(cfg.model))
     available, source = memory.available_memory(runtime.device)
     return {"gradient_checkpointing": memory.decide_checkpointing(cfg.gradient_checkpointing, off.peak, available),
             "estimated_peak_without_checkpointing": memory.fmt_bytes(off.peak),
@@ -412,13 +435,13 @@ def memory_plan(cfg: TrainConfig, records: list[dict]) -> dict[str, Any]:
             "available": f"{memory.fmt_bytes(available)} ({source})"}
 
 
-def resolve_checkpointing(cfg: TrainConfig, runtime: Runtime, records: list[dict], collate, args
+def resolve_checkpointing(cfg: TrainConfig, runtime: Runtime, records: list[dict], tokenizer, args
                           ) -> tuple[TrainConfig, dict[str, Any]]:
     """`cfg` with gradient_checkpointing resolved to a bool, and what decided it (recorded in metrics.json).
     Processes sharing one CPU machine share its memory, so their estimates add up; ranks on GPUs have one each."""
     from dpolab.engine import memory
 
-    off, on = memory_estimates(cfg, runtime, records, collate)
+    off, on = memory_estimates(cfg, runtime, records, tokenizer)
     available, source = memory.available_memory(runtime.device)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if runtime.device == "cpu" else 1
     enabled = memory.decide_checkpointing(cfg.gradient_checkpointing, processes * off.peak, available)
@@ -458,7 +481,7 @@ def _setup(cfg: TrainConfig, run: RunFolder, resume: bool, overwrite: bool):
         prepared = resolve_data(cfg, run, tokenizer)
         cfg = with_data_settings(cfg, prepared.path)
     # Every rank decides (a collective keeps them agreeing); config.yaml records the resolved value.
-    cfg, memory_info = resolve_checkpointing(cfg, runtime, prepared.split("train"), collator_for(cfg, tokenizer), args)
+    cfg, memory_info = resolve_checkpointing(cfg, runtime, prepared.split("train"), tokenizer, args)
     args.activation_checkpointing = cfg.gradient_checkpointing
     if args.should_save:
         run.write_config(cfg)
@@ -492,9 +515,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     if not train:
         raise TrainingError(f"{prepared.path} has no training pairs")
     check_data_for_method(cfg, prepared)
-    collator = collator_for(cfg, tokenizer)
     policy = load_policy(cfg, tokenizer).to(runtime.device)
     disable_dropout(policy)
+    collator = collator_for(cfg, tokenizer, with_attention(cfg, policy, runtime.device))
     ref, computed = None, 0
     if cfg.method not in REFERENCE_FREE:
         # The main process computes the cache (written atomically); the other ranks then read it warm.

@@ -83,10 +83,11 @@ class DPOCollator:
     token_budget: int
     ld_alpha: float | None = None  # LD-DPO: token weights on the responses' tails
     prompt_targets: bool = False  # ORPO's NLL counts the prompt's tokens too (as TRL's)
+    attention: str = "sdpa"  # the packed layout's rows and mask follow the model's attention (engine/flex.py)
 
     def __call__(self, features: list[dict[str, Any]], with_ref: bool = True) -> dict[str, Any]:
         if self.layout == "packed":
-            batch = packed_batch(features, self.pad_id, self.token_budget, self.prompt_targets)
+            batch = packed_batch(features, self.pad_id, self.token_budget, self.prompt_targets, self.attention)
         else:
             batch = padded_batch(features, self.pad_id, self.prompt_targets)
         batch["chosen_tokens"] = torch.tensor([len(f["chosen_ids"]) for f in features], dtype=torch.float32)
