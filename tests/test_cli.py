@@ -116,3 +116,11 @@ def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch, capsys):
     monkeypatch.setenv("DPOLAB_DEBUG", "1")
     with pytest.raises(KeyError):
         guarded(broken)()
+
+
+def test_gradient_checkpointing_option():
+    run = _dpolab("train", "-c", "configs/demo.yaml", "--gradient-checkpointing", "on", "--dry-run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "gradient_checkpointing: true" in run.stdout and "estimated_peak_without_checkpointing" in run.stdout
+    _one_line_error(_dpolab("train", "--gradient-checkpointing", "sometimes", "--dry-run"), "gradient_checkpointing",
+                    "auto, on or off")

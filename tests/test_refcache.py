@@ -156,3 +156,22 @@ def test_the_collator_refuses_a_pair_without_its_reference():
         check_reference(DPOCollator("packed", 0, 64)(features([record], {})))
     check_reference(DPOCollator("packed", 0, 64)(features([record], {"p1": (-3.0, -4.0)})))
     assert DPOCollator("packed", 0, 64)(features([record], None))["ref_chosen"].tolist() == [0.0]  # reference-free
+
+
+def test_a_bf16_reference_is_not_reused_for_fp32(tiny_llama, tokenizer, tmp_path):
+    """The cache is keyed by dtype: log-probs computed under bf16 autocast (bf16 noise) never stand in for fp32."""
+    rows = [{"prompt": f"Say {i}.", "chosen": f"{i}.", "rejected": f"Not {i + 1}."} for i in range(8)]
+    src = write_jsonl(tmp_path / "p.jsonl", rows)
+    data = tmp_path / "data"
+    prepare_data(DataConfig(dataset=str(src), tokenizer=str(tiny_llama), test_size=0.25), data, tokenizer=tokenizer)
+    cfg = dict(model=str(tiny_llama), data=DataConfig(dataset=str(data)), epochs=1, batch_size=4, report_to=[],
+               eval_every="no")
+    half = run_training(TrainConfig(output_dir=tmp_path / "bf16", precision="bf16", **cfg))
+    full = run_training(TrainConfig(output_dir=tmp_path / "fp32", precision="fp32", **cfg))
+    assert half.ref_pairs_computed == 8 and full.ref_pairs_computed == 8
+    caches = {json.loads(p.read_text())["meta"]["dtype"]: json.loads(p.read_text())["logps"]
+              for p in (data / "refcache").glob("*.json")}
+    assert set(caches) == {"torch.bfloat16", "torch.float32"}
+    assert caches["torch.bfloat16"] != caches["torch.float32"]  # the values differ: reuse would be wrong
+    again = run_training(TrainConfig(output_dir=tmp_path / "fp32-again", precision="fp32", **cfg))
+    assert again.ref_pairs_computed == 0

@@ -99,7 +99,9 @@ class TrainConfig(_Frozen):
     grad_accum: int = Field(1, gt=0)
     epochs: float = Field(5, gt=0)
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1: train for `epochs`.")
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="auto: on only when the run's estimated peak memory exceeds what the device has "
+                            "(engine/memory.py); true/on forces it, false/off turns it off.")
     eval_every: Literal["epoch", "steps", "no"] = "epoch"
     eval_steps: int | None = None
     save_every: Literal["epoch", "steps"] = "epoch"
@@ -123,6 +125,17 @@ class TrainConfig(_Frozen):
         # The CLI passes `--loss-type sigmoid,bco_pair,sft` and `--loss-weights 0.8,0.2,1` as one string each.
         if isinstance(value, str) and ("," in value or info.field_name == "loss_weights"):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _on_off(cls, value):
+        # YAML 1.1 already reads on/off/yes/no as booleans; the CLI passes the word as it was typed.
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in ("auto", "on", "off", "true", "false", "yes", "no", "1", "0"):
+                return "auto" if word == "auto" else word in ("on", "true", "yes", "1")
+            raise ValueError(f"must be auto, on or off (got {value!r})")
         return value
 
     @property

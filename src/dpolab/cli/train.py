@@ -42,7 +42,8 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides epochs)."),
     layout: Optional[str] = typer.Option(None, help="packed (prefix-shared, padding-free) | padded (default: packed)."),
     attention: Optional[str] = typer.Option(None, help="Packed layout: auto (flex where supported) | sdpa | flex."),
-    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (default: auto = native for the hardware)."),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (default: auto = bf16 autocast if native)."),
+    gradient_checkpointing: Optional[str] = typer.Option(None, help="auto | on | off (default: auto = on if memory is short)."),
     template: Optional[str] = typer.Option(None, help="Template when preparing a raw source (default: qa)."),
     max_length: Optional[int] = typer.Option(None, help="Max tokens of prompt+response when preparing (default: 512)."),
     seed: Optional[int] = typer.Option(None, help="Training seed (default: 42)."),
@@ -59,8 +60,7 @@ def train(
     if num_processes > 1 and "LOCAL_RANK" not in os.environ and not dry_run:
         raise typer.Exit(_relaunch_with_torchrun(num_processes))
     from dpolab.config import TrainConfig, load_config
-    from dpolab.engine.train import dry_run as plan_run
-    from dpolab.engine.train import run_training
+    from dpolab.engine.train import dry_run as plan_run, run_training
 
     options = {k: v for k, v in locals().items() if k in OVERRIDES}
     cfg = load_config(TrainConfig, config, {OVERRIDES[k]: str(v) if isinstance(v, Path) else v for k, v in options.items()})
@@ -80,7 +80,7 @@ OVERRIDES = {name: name for name in (
     "model", "output_dir", "ref_model", "method", "loss_type", "loss_weights", "beta", "label_smoothing", "ld_alpha",
     "simpo_gamma", "alphapo_alpha", "cpo_alpha", "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
     "learning_rate", "batch_size", "grad_accum", "epochs", "max_steps", "layout", "attention", "precision",
-    "seed")} | {"dataset": "data.dataset", "template": "data.template",
+    "seed", "gradient_checkpointing")} | {"dataset": "data.dataset", "template": "data.template",
                                                              "max_length": "data.max_length", "lora_r": "lora.r"}
 
 

@@ -99,17 +99,21 @@ def plan(cfg: TrainConfig, prepared_report: dict[str, Any], n_params: int | None
             "estimated_train_flops": int(6 * (n_params or 0) * per_pair * steps * pairs_per_step)}
 
 
-def count_parameters(model_name: str) -> tuple[int, Any]:
-    """Parameters from the config alone, on the meta device: no weights loaded."""
+def meta_model(model_name: str):
+    """The model built from its config on the meta device: shapes and class, no weights loaded."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from dpolab.models import load_model_config
 
-    config = load_model_config(model_name)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters()), config
+        return AutoModelForCausalLM.from_config(load_model_config(model_name))
+
+
+def count_parameters(model_name: str) -> tuple[int, Any]:
+    """Parameters from the config alone, on the meta device: no weights loaded."""
+    model = meta_model(model_name)
+    return sum(p.numel() for p in model.parameters()), model.config
 
 
 def dry_run(cfg: TrainConfig) -> dict[str, Any]:
@@ -118,7 +122,7 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     from dpolab.errors import ModelNotFound, SourceError
 
     cfg = with_data_settings(cfg)
-    unavailable, n_params, report = {}, None, None
+    unavailable, n_params, report, records = {}, None, None, None
     try:
         n_params, model_config = count_parameters(cfg.model)
         check_context(cfg, model_config)
@@ -126,14 +130,17 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
         unavailable["model"] = f"{cfg.model}: {str(exc).splitlines()[0][:160]}"
     try:
         if is_prepared(cfg.data.dataset):
-            report = load_prepared(cfg.data.dataset).report
+            prepared = load_prepared(cfg.data.dataset)
+            report, records = prepared.report, prepared.split("train")
         elif "model" not in unavailable:
-            report = build(cfg.data.model_copy(update={"tokenizer": cfg.model}))[2]
+            records, _, report, _ = build(cfg.data.model_copy(update={"tokenizer": cfg.model}))
     except SourceError as exc:
         unavailable["data"] = str(exc).splitlines()[0][:200]
     result: dict[str, Any] = {"config": cfg.model_dump(mode="json")}
     if report is not None:
         result["plan"] = plan(cfg, report, n_params)
+        if records and "model" not in unavailable:
+            result["plan"]["memory"] = memory_plan(cfg, records)
     else:
         result["plan"] = {"total_steps": "unknown until the data can be read", "model_parameters": n_params}
     if unavailable:
@@ -158,7 +165,9 @@ def training_arguments(cfg: TrainConfig, runtime: Runtime, run: RunFolder):
         load_best_model_at_end=evaluate, metric_for_best_model="eval_loss" if evaluate else None,
         greater_is_better=False if evaluate else None,
         logging_steps=cfg.logging_steps, report_to=[t for t in cfg.report_to if t != "tensorboard"] or "none",
-        activation_checkpointing=cfg.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
+        # `auto` is decided once the data is known (resolve_checkpointing), which then sets activation_checkpointing.
+        activation_checkpointing=cfg.gradient_checkpointing is True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         seed=cfg.seed, data_seed=cfg.seed,
         bf16=runtime.precision == "bf16", fp16=runtime.precision == "fp16", use_cpu=runtime.device == "cpu",
         remove_unused_columns=False, dataloader_num_workers=0, label_names=[], include_num_input_tokens_seen="no",
@@ -370,6 +379,93 @@ def save_outputs(run: RunFolder, trainer, cfg: TrainConfig) -> None:
         run.write_state(trainer.state)
 
 
+def collator_for(cfg: TrainConfig, tokenizer, attention: str):
+    from dpolab.engine.trainer import DPOCollator
+
+    return DPOCollator(cfg.layout, tokenizer.pad_token_id, cfg.token_budget or 2 * cfg.data.max_length, cfg.ld_alpha,
+                       prompt_targets=cfg.method == "orpo", attention=attention)
+
+
+def trainable_parameters(cfg: TrainConfig, model_config, params: int) -> int:
+    """All parameters, or with LoRA the adapter's (and a reward model's score head), counted on the meta device."""
+    if cfg.lora is None:
+        return params
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = with_lora(AutoModelForCausalLM.from_config(model_config), cfg.lora)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def memory_estimates(cfg: TrainConfig, runtime: Runtime, records: list[dict], tokenizer):
+    """(without, with) checkpointing estimates of the run's peak memory (engine/memory.py), no weights loaded: the
+    steps laid out as the run will lay them (the attention the model will get decides the packed rows and mask)."""
+    from dpolab.engine import memory
+    from dpolab.engine.flex import resolve_attention
+    from dpolab.engine.methods import REFERENCE_FREE, SCORED
+
+    model = meta_model(cfg.model)
+    params, model_config = sum(p.numel() for p in model.parameters()), model.config
+    attention = resolve_attention(cfg.attention, cfg.layout, model, runtime.device)
+    reference = None
+    if cfg.method not in REFERENCE_FREE:
+        reference = 0 if cfg.ref_model is None else count_parameters(cfg.ref_model)[0]
+    step = memory.step_shape(records, cfg.batch_size, collator_for(cfg, tokenizer, attention))
+    common = dict(shape=memory.model_shape(model_config), params=params, step=step, dense_mask=attention == "sdpa",
+                  trainable=trainable_parameters(cfg, model_config, params), half=runtime.precision != "fp32",
+                  scored=cfg.method in SCORED, reference_params=reference)
+    return memory.estimate_memory(**common), memory.estimate_memory(**common, checkpointing=True)
+
+
+def memory_plan(cfg: TrainConfig, records: list[dict]) -> dict[str, Any]:
+    """The dry run's view of `resolve_checkpointing`: the estimates and what auto would decide on this machine."""
+    from dpolab.engine import memory
+    from dpolab.models import load_tokenizer
+
+    try:
+        runtime = resolve_runtime(cfg.precision)
+    except ConfigError as exc:  # fp16 on a CPU: the run itself will say so
+        return {"unavailable": str(exc)}
+    off, on = memory_estimates(cfg, runtime, records, load_tokenizer(cfg.model))
+    available, source = memory.available_memory(runtime.device)
+    return {"gradient_checkpointing": memory.decide_checkpointing(cfg.gradient_checkpointing, off.peak, available),
+            "estimated_peak_without_checkpointing": memory.fmt_bytes(off.peak),
+            "estimated_peak_with_checkpointing": memory.fmt_bytes(on.peak), "tokens_per_step": off.tokens,
+            "available": f"{memory.fmt_bytes(available)} ({source})"}
+
+
+def resolve_checkpointing(cfg: TrainConfig, runtime: Runtime, records: list[dict], tokenizer, args
+                          ) -> tuple[TrainConfig, dict[str, Any]]:
+    """`cfg` with gradient_checkpointing resolved to a bool, and what decided it (recorded in metrics.json).
+    Processes sharing one CPU machine share its memory, so their estimates add up; ranks on GPUs have one each."""
+    from dpolab.engine import memory
+
+    off, on = memory_estimates(cfg, runtime, records, tokenizer)
+    available, source = memory.available_memory(runtime.device)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if runtime.device == "cpu" else 1
+    enabled = memory.decide_checkpointing(cfg.gradient_checkpointing, processes * off.peak, available)
+    if args.world_size > 1:
+        import torch
+
+        flag = torch.tensor([int(enabled)], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # one rank short of memory: all on
+        enabled = bool(flag.item())
+    info = {"gradient_checkpointing": enabled, "requested": cfg.gradient_checkpointing, "available_bytes": available,
+            "available_source": source, "safety_fraction": memory.SAFETY_FRACTION, "processes": processes,
+            "estimate_without_checkpointing": off.as_dict(), "estimate_with_checkpointing": on.as_dict()}
+    f, why = memory.fmt_bytes, "auto" if cfg.gradient_checkpointing == "auto" else "forced"
+    log.info("gradient checkpointing %s (%s): estimated peak %s without it (weights %s, grads %s, AdamW %s, "
+             "activations %s for %d tokens/step, output head %s), %s with it; %s available (%s), planning on %d%% of it",
+             "on" if enabled else "off", why, f(off.peak), f(off.weights), f(off.grads), f(off.optimizer),
+             f(off.activations + off.mask), off.tokens, f(off.head), f(on.peak), f(available), source or "unknown",
+             round(100 * memory.SAFETY_FRACTION))
+    if enabled and available is not None and processes * on.peak > memory.SAFETY_FRACTION * available:
+        log.warning("even with gradient checkpointing the run may not fit in memory: lower batch_size or token_budget, "
+                    "or use lora")
+    return cfg.model_copy(update={"gradient_checkpointing": enabled}), info
+
+
 # --------------------------------------------------------------------------------------------- the sequence
 def _setup(cfg: TrainConfig, run: RunFolder, resume: bool, overwrite: bool):
     from dpolab.models import load_model_config, load_tokenizer
@@ -384,10 +480,13 @@ def _setup(cfg: TrainConfig, run: RunFolder, resume: bool, overwrite: bool):
             run.create(overwrite)
         prepared = resolve_data(cfg, run, tokenizer)
         cfg = with_data_settings(cfg, prepared.path)
-        if args.should_save:
-            run.write_config(cfg)
-            run.write_data_report(prepared.report)
-    return cfg, runtime, tokenizer, args, prepared
+    # Every rank decides (a collective keeps them agreeing); config.yaml records the resolved value.
+    cfg, memory_info = resolve_checkpointing(cfg, runtime, prepared.split("train"), tokenizer, args)
+    args.activation_checkpointing = cfg.gradient_checkpointing
+    if args.should_save:
+        run.write_config(cfg)
+        run.write_data_report(prepared.report)
+    return cfg, runtime, tokenizer, args, prepared, memory_info
 
 
 def _trainer(cfg: TrainConfig, args, tokenizer, collator, policy, train, test, ref, callbacks):
@@ -407,21 +506,18 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     import torch
 
     from dpolab.engine.methods import REFERENCE_FREE
-    from dpolab.engine.trainer import DPOCollator
 
     started = time.perf_counter()
     run = RunFolder(Path(cfg.output_dir))
     cfg = with_data_settings(cfg)  # before the context check: the folder's max_length is the run's
-    cfg, runtime, tokenizer, args, prepared = _setup(cfg, run, resume, overwrite)
+    cfg, runtime, tokenizer, args, prepared, memory_info = _setup(cfg, run, resume, overwrite)
     train, test = prepared.split("train"), prepared.split("test")
     if not train:
         raise TrainingError(f"{prepared.path} has no training pairs")
     check_data_for_method(cfg, prepared)
     policy = load_policy(cfg, tokenizer).to(runtime.device)
     disable_dropout(policy)
-    attention = with_attention(cfg, policy, runtime.device)
-    collator = DPOCollator(cfg.layout, tokenizer.pad_token_id, cfg.token_budget or 2 * cfg.data.max_length, cfg.ld_alpha,
-                           prompt_targets=cfg.method == "orpo", attention=attention)
+    collator = collator_for(cfg, tokenizer, with_attention(cfg, policy, runtime.device))
     ref, computed = None, 0
     if cfg.method not in REFERENCE_FREE:
         # The main process computes the cache (written atomically); the other ranks then read it warm.
@@ -436,9 +532,10 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError:
         raise TrainingError("out of memory: lower batch_size (raise grad_accum to keep the effective batch), lower "
-                            "token_budget or data.max_length, keep gradient_checkpointing on, or use lora") from None
+                            "token_budget or data.max_length, set gradient_checkpointing on, or use lora") from None
     save_outputs(run, trainer, cfg)
-    metrics = run_metrics(trainer, output, cfg, time.perf_counter() - started, computed, len(train))
+    metrics = {**run_metrics(trainer, output, cfg, time.perf_counter() - started, computed, len(train)),
+               "precision": runtime.precision, "memory": memory_info}
     if args.should_save:
         run.write_metrics(metrics)
     return RunResult(run.path, metrics, computed)
