@@ -257,3 +257,14 @@ def test_cli_help_describes_the_app():
     assert result.exit_code == 0, result.output
     for option in ("--compare", "--port", "--host", "--runs-dir", "--max-batch", "MODEL"):
         assert option in result.output
+
+
+def test_a_model_leaving_the_cache_closes_its_engine(tiny_llama):
+    from dpolab.app import page
+
+    loaded = page.load(str(tiny_llama))
+    assert loaded.engine.generate(build_prompt("Hi", "qa", loaded.tokenizer), "qa", GREEDY)
+    threads = [lane.thread for lane in loaded.engine.lanes if lane.thread is not None]
+    assert threads and all(t.is_alive() for t in threads)
+    st.cache_resource.clear()  # what a fifth model or a clear does
+    assert not any(t.is_alive() for t in threads)

@@ -62,9 +62,14 @@ class Loaded:
     engine: DecodeEngine  # batches the answers of everyone asking this model at once
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def release(loaded: Loaded) -> None:
+    loaded.engine.close()  # its worker threads hold the model: let both go
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4, on_release=release)
 def load(resolved: str, max_batch: int = DEFAULT_MAX_BATCH) -> Loaded:
-    """Once per process and model (keyed by the resolved folder/Hub id); shared by every browser session."""
+    """Once per process and model (keyed by the resolved folder/Hub id); shared by every browser session. An entry
+    pushed out by a fifth model, or cleared, closes its engine."""
     model = load_model(resolved).eval()
     tokenizer = load_tokenizer(resolved)
     return Loaded(model, tokenizer, DecodeEngine(model, tokenizer, max_batch=max_batch))
