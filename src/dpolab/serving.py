@@ -78,7 +78,6 @@ class Request:
     _generator: torch.Generator | None = None
     _sent: str = ""
     _queued_shown: tuple = ()
-    submitted: float = field(default_factory=time.monotonic)
 
     def __iter__(self):
         """The events until the end (blocking)."""
