@@ -93,7 +93,8 @@ def stream_text(model, tokenizer, prompt: str, template: str, settings: Generati
     """(iterator over text pieces as they are generated, whether the prompt was truncated).
 
     `generate` runs in a worker thread; a `lock` serializes generations on a shared model, and the seed is applied
-    through a per-call torch.Generator-free path: the global RNG is seeded inside the lock.
+    through a per-call torch.Generator-free path: the global RNG is seeded inside the lock. The app serves through
+    `dpolab.serving.DecodeEngine` (batched); this serialized path is `bench/app_latency.py`'s baseline.
     """
     from transformers import TextIteratorStreamer
 
