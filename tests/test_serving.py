@@ -262,3 +262,23 @@ def test_embedded_model_batched_equals_alone(embedded_dir, engine):
     for r in together:
         collect(r)
     check_batched_equals_alone(model, tokenizer, single, together, settings, at_least=19)
+
+
+def test_the_serialized_baseline_gives_each_concurrent_caller_its_whole_answer(chatty):
+    """`generation.stream_text` (the engine the app had, kept as bench/app_latency.py's baseline): one at a time."""
+    from dpolab.generation import stream_text
+
+    model, tokenizer = chatty
+    lock = threading.Lock()
+    results: dict[str, str] = {}
+
+    def user(question: str) -> None:
+        pieces, _ = stream_text(model, tokenizer, prompt(tokenizer, question), "qa", GREEDY, lock=lock)
+        results[question] = "".join(pieces)
+
+    threads = [threading.Thread(target=user, args=(q,)) for q in PROMPTS[:3]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == {q: generate_text(model, tokenizer, prompt(tokenizer, q), "qa", GREEDY) for q in PROMPTS[:3]}
