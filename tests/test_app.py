@@ -11,7 +11,7 @@ st = pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dpolab import EMBEDDED_MODEL  # noqa: E402
-from dpolab.app.launch import PAGE, page_args, streamlit_command  # noqa: E402
+from dpolab.app.launch import PAGE, STUDIO, page_args, streamlit_command  # noqa: E402
 from dpolab.generation import GenerationSettings, build_prompt, generate_text  # noqa: E402
 from dpolab.models import load_model, load_tokenizer  # noqa: E402
 
@@ -235,7 +235,7 @@ def test_without_a_model_the_sidebar_offers_runs_and_the_embedded_model(open_pag
 def test_launch_command_passes_the_page_its_options():
     cmd = streamlit_command("runs/demo", compare="base-folder", port=8600, host="0.0.0.0", runs_dir="my-runs",
                             max_batch=2)
-    assert cmd[1:5] == ["-m", "streamlit", "run", str(PAGE)]
+    assert cmd[1:5] == ["-m", "streamlit", "run", str(STUDIO)]
     flags = dict(zip(cmd[5 : cmd.index("--") : 2], cmd[6 : cmd.index("--") : 2]))
     assert flags["--server.headless"] == "true" and flags["--browser.gatherUsageStats"] == "false"
     assert flags["--server.port"] == "8600" and flags["--server.address"] == "0.0.0.0"

@@ -242,3 +242,38 @@ def test_resume_with_nothing_to_resume_says_so(tiny_llama, small_data, tmp_path,
     with caplog.at_level(logging.WARNING, logger="dpolab"):
         run_training(_cfg(tiny_llama, small_data, tmp_path / "fresh", max_steps=1), resume=True)
     assert "no complete checkpoint" in caplog.text and "starts from the beginning" in caplog.text
+
+
+def test_stop_request_saves_a_checkpoint_and_resume_reaches_same_weights(uninterrupted, tiny_llama, small_data,
+                                                                          tmp_path):
+    """The studio's Stop: a request file in the run folder ends training at the next step with a complete checkpoint
+    (step 4 here, between the scheduled saves at 3 and 6); --resume then ends where an uninterrupted run ends."""
+    from transformers import TrainerCallback
+
+    from dpolab.folders.run import RunFolder
+
+    out = tmp_path / "stopped"
+    run = RunFolder(out)
+
+    class AskAtStep4(TrainerCallback):  # as if someone clicked Stop during step 4
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 3:
+                run.request_stop()
+
+    cfg = _cfg(tiny_llama, small_data, out)
+    result = run_training(cfg, callbacks=[AskAtStep4()])
+    assert result.extra == {"stopped": True} and result.metrics["stopped_at_step"] == 4
+    assert is_complete(out / "checkpoints" / "checkpoint-4")
+    assert not (out / "metrics.json").exists() and not (out / "model").exists() and not run.stop_requested()
+    progress = run.read_progress()
+    assert progress.step == 4 and progress.max_steps == 12 and 0 < progress.fraction < 1
+    assert [p["step"] for p in progress.history] == [1, 2, 3, 4] and all("loss" in p for p in progress.history)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_training(cfg)
+    run_training(cfg, resume=True)
+    progress = run.read_progress()
+    assert progress.step == 12 and progress.eta_s == 0
+    assert [p["step"] for p in progress.history if "loss" in p] == list(range(1, 13))
+    expected, got = _weights(uninterrupted), _weights(out)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)

@@ -1,4 +1,5 @@
-"""Start the Streamlit server on the chat page, passing the page its options after `--`."""
+"""Start the Streamlit server on the studio (`studio.py`: Data, Train, Runs, Sweep, Chat, Publish), passing it its
+options after `--`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-PAGE = Path(__file__).resolve().with_name("page.py")
+PAGE = Path(__file__).resolve().with_name("page.py")  # the chat page (also runnable alone, as the tests do)
+STUDIO = Path(__file__).resolve().with_name("studio.py")
 
 
 def app_threads() -> int:
@@ -32,7 +34,7 @@ def page_args(model: str | None = None, compare: str | None = None, runs_dir: st
 def streamlit_command(model: str | None = None, compare: str | None = None, port: int = 8501,
                       host: str = "127.0.0.1", runs_dir: str | Path = "runs", max_batch: int | None = None) -> list[str]:
     return [
-        sys.executable, "-m", "streamlit", "run", str(PAGE),
+        sys.executable, "-m", "streamlit", "run", str(STUDIO),
         "--server.headless", "true",  # never try to open a browser on the server
         "--browser.gatherUsageStats", "false",  # no telemetry (and no network attempts offline)
         "--server.address", host, "--server.port", str(port),

@@ -36,14 +36,10 @@ EMPTY = "_(empty answer: the model ended at once)_"
 
 # ---------------------------------------------------------------------------------------------------------- options
 def parse_page_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="page.py", add_help=False, exit_on_error=False)
-    parser.add_argument("model", nargs="?")
-    parser.add_argument("--compare")
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
-    # Only our own argv is ours to parse: imported elsewhere (e.g. by pytest), sys.argv belongs to someone else.
-    ours = bool(argv) and Path(argv[0]).resolve() == Path(__file__).resolve()
-    return parser.parse_args(argv[1:] if ours else [])
+    """The server's options (the studio's, shared with this page when it runs as the studio's Chat page)."""
+    from dpolab.app.common import parse_args
+
+    return parse_args(argv)
 
 
 def find_runs(runs_dir: Path) -> list[str]:

@@ -70,6 +70,11 @@ def train(
         stdout.print(yaml.safe_dump(plan_run(cfg), sort_keys=False))
         return
     result = run_training(cfg, resume=resume, overwrite=overwrite)
+    if result.extra.get("stopped"):
+        console.print(f"stopped at step {result.metrics['stopped_at_step']} of {result.metrics['max_steps']} (a stop "
+                      f"was asked for); a complete checkpoint is in {result.run_dir}; continue with --resume",
+                      highlight=False)
+        return
     from dpolab.engine.summary import run_table
 
     stdout.print(run_table(result))

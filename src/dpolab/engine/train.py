@@ -505,12 +505,17 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     """Train and write the run folder (see the module docstring for the order of things)."""
     import torch
 
+    from dpolab.engine.callbacks import ProgressCallback, StopCallback
     from dpolab.engine.methods import REFERENCE_FREE
 
     started = time.perf_counter()
     run = RunFolder(Path(cfg.output_dir))
     cfg = with_data_settings(cfg)  # before the context check: the folder's max_length is the run's
     cfg, runtime, tokenizer, args, prepared, memory_info = _setup(cfg, run, resume, overwrite)
+    if args.should_save and not resume:
+        run.progress_file.unlink(missing_ok=True)  # a fresh start: no curves of an earlier attempt
+    if args.should_save and run.stop_requested():
+        log.info("a stop was asked for before training began: training stops after its first step")
     train, test = prepared.split("train"), prepared.split("test")
     if not train:
         raise TrainingError(f"{prepared.path} has no training pairs")
@@ -526,13 +531,21 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
                                             prepared.path, collator)
     if cfg.lora is not None:
         policy = with_lora(policy, cfg.lora, cfg.method)
-    trainer = _trainer(cfg, args, tokenizer, collator, policy, train, test, ref, callbacks_for(cfg, args, run, callbacks))
+    stop = StopCallback(run)
+    trainer = _trainer(cfg, args, tokenizer, collator, policy, train, test, ref,
+                       callbacks_for(cfg, args, run, [ProgressCallback(run), stop, *callbacks]))
     checkpoint = resume_point(run, args, resume)
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError:
         raise TrainingError("out of memory: lower batch_size (raise grad_accum to keep the effective batch), lower "
                             "token_budget or data.max_length, set gradient_checkpointing on, or use lora") from None
+    if stop.stopped_at is not None:  # a clean stop: the checkpoint is written; no model/ or metrics until resumed
+        if args.should_save:
+            run.write_state(trainer.state)
+            run.clear_stop()
+        return RunResult(run.path, {"stopped_at_step": stop.stopped_at, "max_steps": trainer.state.max_steps},
+                         computed, extra={"stopped": True})
     save_outputs(run, trainer, cfg)
     metrics = {**run_metrics(trainer, output, cfg, time.perf_counter() - started, computed, len(train)),
                "precision": runtime.precision, "memory": memory_info}

@@ -4,6 +4,8 @@
     data_report.json       the report of the prepared data it trained on
     metrics.json           final + best metrics
     trainer_state.json     the log history
+    progress.jsonl         written while training: one line per step and per log (live curves, progress, ETA)
+    stop-requested         a clean stop was asked for (the studio's Stop): training saves a checkpoint and ends
     logs/                  TensorBoard
     data/                  data prepared on the fly from a raw source
     checkpoints/checkpoint-N/, checkpoints-incomplete/
@@ -18,6 +20,7 @@ Training writes through `RunFolder`; evaluation, publishing, the sweep report an
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,7 @@ class RunFolder(Layout):
         "config_file": "config.yaml", "data_report_file": "data_report.json", "metrics_file": "metrics.json",
         "state_file": "trainer_state.json", "logs_dir": "logs", "data_dir": "data", "checkpoints_dir": "checkpoints",
         "incomplete_dir": "checkpoints-incomplete", "model_dir": "model", "adapter_dir": "adapter", "eval_dir": "eval",
-        "model_meta_file": f"model/{MODEL_META}",
+        "model_meta_file": f"model/{MODEL_META}", "progress_file": "progress.jsonl", "stop_file": "stop-requested",
     }
 
     @staticmethod
@@ -82,7 +85,23 @@ class RunFolder(Layout):
         self.path.mkdir(parents=True, exist_ok=True)
         owner.mark(self.path, KIND)
 
+    # ------------------------------------------------------------------------------------------------ stop
+    def request_stop(self) -> None:
+        """Ask the training process to stop cleanly at its next step (a complete checkpoint; `--resume` goes on)."""
+        atomic_write_text(self.stop_file, "stop\n")
+
+    def stop_requested(self) -> bool:
+        return self.stop_file.is_file()
+
+    def clear_stop(self) -> None:
+        self.stop_file.unlink(missing_ok=True)
+
     # ------------------------------------------------------------------------------------------------ write
+    def append_progress(self, entry: dict[str, Any]) -> None:
+        """One line of progress.jsonl (a reader tolerates a half-written last line)."""
+        with open(self.progress_file, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
     def write_config(self, config) -> None:
         atomic_write_text(self.config_file, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
@@ -120,6 +139,60 @@ class RunFolder(Layout):
     def read_log_history(self) -> list[dict[str, Any]] | None:
         state = _read_json(self.state_file)
         return state["log_history"] if state else None
+
+
+    def read_progress(self) -> Progress | None:
+        """What progress.jsonl says so far, or None before training has begun."""
+        try:
+            lines = self.progress_file.read_text().splitlines()
+        except OSError:
+            return None
+        entries = []
+        for line in lines:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:  # the line being written
+                continue
+        return Progress.from_entries(entries) if entries else None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Training progress from progress.jsonl: the step reached, of how many, an ETA from this session's pace, and
+    the logged points (the last value per step and key wins: a resumed run re-logs the steps after its checkpoint)."""
+
+    step: int
+    max_steps: int | None
+    epoch: float | None
+    eta_s: float | None
+    history: list[dict[str, Any]]  # {"step": n, **logged values}, by step
+
+    @property
+    def fraction(self) -> float:
+        return min(self.step / self.max_steps, 1.0) if self.max_steps else 0.0
+
+    @staticmethod
+    def from_entries(entries: list[dict[str, Any]]) -> Progress:
+        step, max_steps, epoch, session = 0, None, None, []
+        points: dict[tuple[int, str], dict[str, Any]] = {}
+        for entry in entries:
+            event = entry.get("event")
+            if event == "begin":
+                max_steps, session = entry.get("max_steps"), [(entry["time"], entry.get("step", 0))]
+                step = entry.get("step", 0)
+            elif event == "step":
+                step, epoch = entry["step"], entry.get("epoch", epoch)
+                session.append((entry["time"], step))
+            elif event == "log":
+                values = {k: v for k, v in entry.items() if k not in ("event", "time")}
+                kind = "eval" if any(k.startswith("eval_") for k in values) else "train"
+                points.setdefault((values.get("step", step), kind), {}).update(values)
+        eta = None
+        if max_steps and len(session) >= 2 and session[-1][1] > session[0][1]:
+            (t0, s0), (t1, s1) = session[0], session[-1]
+            eta = (t1 - t0) / (s1 - s0) * max(max_steps - s1, 0)
+        history = [points[key] for key in sorted(points, key=lambda k: (k[0], k[1]))]
+        return Progress(step=step, max_steps=max_steps, epoch=epoch, eta_s=eta, history=history)
 
 
 def model_meta(folder: Path) -> dict[str, Any] | None:

@@ -1,0 +1,32 @@
+"""dpolab studio: the whole workflow in the browser (`dpolab app` serves it). Streamlit multipage navigation over
+pages/; each page is UI over the library, and everything long runs as a background job (`dpolab.jobs`), so it outlives
+the tab and every tab sees it. Options arrive after `--` as for the chat page (see common.parse_args)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dpolab.app.common import ICON, PAGES_DIR, studio_args
+
+PAGES = (  # file, title, icon
+    ("data.py", "Data", ":material/dataset:"),
+    ("train.py", "Train", ":material/model_training:"),
+    ("runs.py", "Runs", ":material/table_rows:"),
+    ("sweep.py", "Sweep", ":material/tune:"),
+    ("chat.py", "Chat", ":material/forum:"),
+    ("publish.py", "Publish", ":material/publish:"),
+)
+
+
+def main() -> None:
+    args = studio_args()
+    default = "chat.py" if args.model or args.compare else "runs.py"  # `dpolab app MODEL` opens on its chat
+    pages = [st.Page(str(PAGES_DIR / file), title=title, icon=icon, default=file == default)
+             for file, title, icon in PAGES]
+    current = st.navigation(pages, position="sidebar")
+    # A local file as the icon: a `:material/…:` one would make the browser fetch the favicon from a font host.
+    st.set_page_config(page_title=f"{current.title} · dpolab studio", page_icon=str(ICON), layout="wide")
+    current.run()
+
+
+main()
