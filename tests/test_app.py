@@ -107,7 +107,7 @@ def test_compare_mode_answers_side_by_side(open_page, tiny_llama, tiny_gpt2, exp
     assert tuned[0].startswith("**DPO-tuned") and base[0].startswith("**Base")
     assert tuned[1:] == [expected(QUESTION)] and base[1:] == [expected(QUESTION, folder=tiny_gpt2)]
     assert tuned[1] != base[1]
-    assert at.checkbox(key="compare").value and at.text_input(key="base_name").value == str(tiny_gpt2)
+    assert at.checkbox(key="compare").value and at.selectbox(key="base_name").value == str(tiny_gpt2)
 
 
 def test_compare_mode_samples_reproducibly(open_page, tiny_llama, tiny_gpt2, expected):
@@ -268,3 +268,20 @@ def test_a_model_leaving_the_cache_closes_its_engine(tiny_llama):
     assert threads and all(t.is_alive() for t in threads)
     st.cache_resource.clear()  # what a fifth model or a clear does
     assert not any(t.is_alive() for t in threads)
+
+
+def test_compare_any_two_runs(open_page, tiny_llama, tiny_gpt2, expected, tmp_path):
+    """Compare is not only base vs tuned: any run under the runs folder can answer beside the chosen one."""
+    runs = tmp_path / "runs"
+    for name, folder in (("llama-run", tiny_llama), ("gpt2-run", tiny_gpt2)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "model").symlink_to(folder)
+    at = open_page(runs / "llama-run", "--runs-dir", runs)
+    at.checkbox(key="compare").set_value(True).run()
+    options = at.selectbox(key="base_name").options
+    assert str(runs / "gpt2-run") in options and str(runs / "llama-run") not in options  # never itself
+    at.selectbox(key="base_name").set_value(str(runs / "gpt2-run")).run()
+    at = chat(at, QUESTION)
+    tuned, other = (texts(column) for column in at.chat_message[1].columns)
+    assert other[0].startswith("**Compared · gpt2-run")
+    assert tuned[1:] == [expected(QUESTION)] and other[1:] == [expected(QUESTION, folder=tiny_gpt2)]

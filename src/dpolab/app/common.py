@@ -16,6 +16,14 @@ STUDIO = APP_DIR / "studio.py"
 CHAT_PAGE = APP_DIR / "page.py"
 PAGES_DIR = APP_DIR / "pages"
 ICON = APP_DIR.parent / "resources" / "chat-icon.png"
+PAGES = (  # file, title, icon
+    ("data.py", "Data", ":material/dataset:"),
+    ("train.py", "Train", ":material/model_training:"),
+    ("runs.py", "Runs", ":material/table_rows:"),
+    ("sweep.py", "Sweep", ":material/tune:"),
+    ("chat.py", "Chat", ":material/forum:"),
+    ("publish.py", "Publish", ":material/publish:"),
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -349,6 +349,17 @@ def reply_record(sides: list[str], streams: list[Stream], failure: str | None, s
     return reply
 
 
+def compare_choice(default: str, current: str, runs_dir: Path) -> str:
+    """The model answering beside the chosen one: its base model by default, or any other run, or a name typed in."""
+    options = list(dict.fromkeys([default, *find_runs(runs_dir), EMBEDDED_MODEL]))
+    if current in options[1:]:  # comparing a run with itself tells nothing
+        options.remove(current)
+    choice = st.selectbox("Compare with", options, index=0, key="base_name", accept_new_options=True,
+                          help="The run's base model by default; pick any other run under the runs folder to see two "
+                               "runs side by side, or type a model folder or Hub id.")
+    return (choice or "").strip() or default
+
+
 def sidebar(args: argparse.Namespace, compare_default: bool):
     """The sidebar: model choice, compare toggle, slots for the base model and the run's record, settings."""
     with st.sidebar:
@@ -360,8 +371,9 @@ def sidebar(args: argparse.Namespace, compare_default: bool):
             choices = find_runs(Path(args.runs_dir)) + [EMBEDDED_MODEL]
             name = st.selectbox("Model", choices, key="model_choice",
                                 help=f"Runs found under `{args.runs_dir}/`, and the embedded default model.")
-        compare = st.checkbox("Compare with the base model", value=compare_default, key="compare",
-                              help="Answer each prompt with the base model too, side by side, same seed and settings.")
+        compare = st.checkbox("Compare side by side", value=compare_default, key="compare",
+                              help="Answer each prompt with a second model too (the base model, or any other run), "
+                                   "side by side, same seed and settings.")
         base_slot = st.container()  # filled once the run says what its base model is
         about_slot = st.container()
         st.button("Clear chat", icon=":material/delete:", width="stretch", key="clear",
@@ -394,8 +406,7 @@ def main() -> None:
     base_name = args.compare or info.base_model or EMBEDDED_MODEL
     if compare:
         with base_slot:
-            base_name = st.text_input("Base model", value=base_name, key="base_name",
-                                      help="Defaults to the model the run started from.").strip() or base_name
+            base_name = compare_choice(base_name, name, Path(args.runs_dir))
         try:
             base = open_model(base_name, args.max_batch)
         except ModelProblem as problem:
@@ -405,7 +416,9 @@ def main() -> None:
 
     where = f"`{name}` · template `{info.template}`" + (f" · compared with `{base_name}`" if base else "")
     st.markdown(f"**Model:** {where}")
-    labels = (f"DPO-tuned · {Path(name).name or name}", f"Base · {Path(base_name).name or base_name}")
+    is_base = base_name == (args.compare or info.base_model or EMBEDDED_MODEL)
+    labels = (f"DPO-tuned · {Path(name).name or name}",
+              f"{'Base' if is_base else 'Compared'} · {Path(base_name).name or base_name}")
 
     with st.container(horizontal=True, horizontal_alignment="left", gap="small"):
         for example in EXAMPLES:

@@ -6,16 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dpolab.app.common import ICON, PAGES_DIR, studio_args
-
-PAGES = (  # file, title, icon
-    ("data.py", "Data", ":material/dataset:"),
-    ("train.py", "Train", ":material/model_training:"),
-    ("runs.py", "Runs", ":material/table_rows:"),
-    ("sweep.py", "Sweep", ":material/tune:"),
-    ("chat.py", "Chat", ":material/forum:"),
-    ("publish.py", "Publish", ":material/publish:"),
-)
+from dpolab.app.common import ICON, PAGES, PAGES_DIR, studio_args
 
 
 def main() -> None:
@@ -29,4 +20,5 @@ def main() -> None:
     current.run()
 
 
-main()
+if __name__ == "__main__":  # as Streamlit runs it (and AppTest); importing it runs nothing
+    main()

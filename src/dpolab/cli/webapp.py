@@ -1,4 +1,4 @@
-"""`dpolab app`: the chat web app."""
+"""`dpolab app`: the studio in the browser (data, train, runs, sweep, chat, publish)."""
 
 from __future__ import annotations
 
@@ -24,13 +24,23 @@ def app_command(
     port: int = typer.Option(8501, "--port", "-p", help="Port to serve on."),
     host: str = typer.Option("127.0.0.1", "--host",
                              help="Address to listen on; 0.0.0.0 serves other machines too (no authentication!)."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the page looks for runs when MODEL is not given."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir",
+                                  help="The runs root: where the studio lists runs and sweeps and starts new jobs (it never "
+                                       "deletes anything outside it)."),
     max_batch: int = typer.Option(
         DEFAULT_MAX_BATCH, "--max-batch", min=1,
         help="Answers one model generates at once (batched decoding steps); further users wait in line and see "
              "their place. 1 serves one answer at a time."),
 ) -> None:
-    """Chat with a model in the browser: answers stream token by token, optionally beside the base model's.
+    """dpolab studio in the browser: prepare data, train (watch, stop, resume), compare runs, sweep, chat, publish.
+
+    Pages: Data (preview a source with its template, drop reasons, token lengths; prepare), Train (a form with the CLI's
+    options and the equivalent command; runs start as background processes that outlive the browser tab, with live
+    progress, curves, Stop = a clean checkpoint, Resume), Runs (every run and sweep under --runs-dir, overlaid curves,
+    eval reports, start an eval), Sweep (search space, live trials, the best trial), Chat, Publish (export with the
+    model card, push with a dry-run preview first). With MODEL the studio opens on the Chat page.
+
+    Chat: answers stream token by token, optionally beside the base model's or any other run's.
 
     Prompts are formatted with the template the model was trained with (read from its run folder). The sidebar sets
     the generation settings (max new tokens, temperature, top-p, top-k, repetition penalty, seed, greedy) and shows
