@@ -70,6 +70,7 @@ def test_train_job_stops_cleanly_refuses_a_duplicate_and_resumes_to_the_same_wei
         start_job(runs, "train", out, argv)  # a second tab's click
     run = RunFolder(out)
     wait_until(lambda: (p := run.read_progress()) and p.step >= 3, what="step 3")
+    assert os.getpriority(os.PRIO_PROCESS, job.pid) >= 10  # below the server: pages stay responsive
     stop_job(read_job(job.folder))
     stopped = wait_job(job, timeout=120)
     assert stopped.status == "stopped" and stopped.exit_code == 0, log_tail(stopped)

@@ -38,6 +38,7 @@ from dpolab.fsutil import atomic_write_text
 JOBS = ".jobs"
 KINDS = ("train", "sweep", "eval", "prepare", "export", "push")
 ACTIVE = ("starting", "running", "stopping")
+NICENESS = 10
 
 
 class JobError(DpolabError):
@@ -279,6 +280,12 @@ def log_progress(job: Job) -> tuple[float, str] | None:
 def supervise(folder: Path) -> int:
     """Run the job's command to its end and record the exit (the body of `python -m dpolab.jobs FOLDER`)."""
     record = json.loads((folder / "job.json").read_text())
+    # Below the server's priority: on a small machine the pages stay responsive while a job uses every core (it loses
+    # nothing when the machine is otherwise idle).
+    try:
+        os.nice(NICENESS)
+    except OSError:
+        pass
     with open(folder / "log.txt", "ab", buffering=0) as log:
         log.write(f"$ dpolab {' '.join(record['argv'])}\n".encode())
         child = subprocess.Popen([sys.executable, "-m", "dpolab", *record["argv"]], stdin=subprocess.DEVNULL,
