@@ -16,13 +16,15 @@ STUDIO = APP_DIR / "studio.py"
 CHAT_PAGE = APP_DIR / "page.py"
 PAGES_DIR = APP_DIR / "pages"
 ICON = APP_DIR.parent / "resources" / "chat-icon.png"
+# Emoji, not `:material/…:` icons: the current page's icon becomes the favicon, and a material one is fetched from
+# fonts.gstatic.com (the studio must not ask anything of another host; tests/test_studio_browser.py checks).
 PAGES = (  # file, title, icon
-    ("data.py", "Data", ":material/dataset:"),
-    ("train.py", "Train", ":material/model_training:"),
-    ("runs.py", "Runs", ":material/table_rows:"),
-    ("sweep.py", "Sweep", ":material/tune:"),
-    ("chat.py", "Chat", ":material/forum:"),
-    ("publish.py", "Publish", ":material/publish:"),
+    ("data.py", "Data", "🗂️"),
+    ("train.py", "Train", "🏋️"),
+    ("runs.py", "Runs", "📊"),
+    ("sweep.py", "Sweep", "🎛️"),
+    ("chat.py", "Chat", "💬"),
+    ("publish.py", "Publish", "📦"),
 )
 
 
