@@ -69,7 +69,10 @@ def train(
 
         stdout.print(yaml.safe_dump(plan_run(cfg), sort_keys=False))
         return
-    result = run_training(cfg, resume=resume, overwrite=overwrite)
+    _report(run_training(cfg, resume=resume, overwrite=overwrite))
+
+
+def _report(result) -> None:
     if result.extra.get("stopped"):
         console.print(f"stopped at step {result.metrics['stopped_at_step']} of {result.metrics['max_steps']} (a stop "
                       f"was asked for); a complete checkpoint is in {result.run_dir}; continue with --resume",
