@@ -19,8 +19,17 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from dpolab.app.common import STUDIO  # noqa: E402
 from dpolab.folders.catalog import RECENT_S, scan, status_of  # noqa: E402
 from dpolab.folders.run import RunFolder  # noqa: E402
-from dpolab.jobs import find_job, list_jobs, log_tail, read_job, start_job, stop_job, wait_job  # noqa: E402
+from dpolab.jobs import (  # noqa: E402
+    find_job,
+    list_jobs,
+    log_tail,
+    read_job,
+    start_job,
+    stop_job,
+    wait_job,
+)
 from tests.conftest import write_jsonl  # noqa: E402
+from tests.test_jobs import wait_until  # noqa: E402
 
 CURVES = {"Training loss": "loss", "Reward accuracy": "rewards/accuracies", "Reward margin": "rewards/margins",
           "Eval loss": "eval_loss"}
@@ -40,14 +49,6 @@ def train_argv(model: Path, data: Path, out: Path, lr: str = "1e-3", steps: int 
     return argv + (["--max-steps", str(steps)] if steps else [])
 
 
-def wait_until(condition, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_llama, pairs) -> Path:
     """A runs root with two finished runs (different learning rates), trained by jobs side by side."""
@@ -60,17 +61,19 @@ def finished(tmp_path_factory, tiny_llama, pairs) -> Path:
     return root
 
 
+def open_studio(monkeypatch, root: Path, page: str) -> AppTest:
+    """The studio on `root` (as `dpolab app --runs-dir ROOT` starts it), switched to pages/`page`."""
+    monkeypatch.setattr(sys, "argv", [str(STUDIO), "--runs-dir", str(root)])
+    at = AppTest.from_file(str(STUDIO), default_timeout=120)
+    at.run()
+    at.switch_page(f"pages/{page}").run()
+    assert not at.exception, at.exception
+    return at
+
+
 @pytest.fixture
 def open_runs(monkeypatch):
-    def make(root: Path) -> AppTest:
-        monkeypatch.setattr(sys, "argv", [str(STUDIO), "--runs-dir", str(root)])
-        at = AppTest.from_file(str(STUDIO), default_timeout=120)
-        at.run()
-        at.switch_page("pages/runs.py").run()
-        assert not at.exception, at.exception
-        return at
-
-    return make
+    return lambda root: open_studio(monkeypatch, root, "runs.py")
 
 
 def table(at: AppTest):
@@ -86,8 +89,8 @@ def charts(at: AppTest) -> dict[str, dict[tuple[str, float], float]]:
             spec = json.loads(element.proto.spec)
             title = next(t for t in CURVES if t in json.dumps(spec))
             frame = convert_arrow_bytes_to_pandas_df(element.proto.datasets[0].data.data)
-            run, value = [c for c in frame.columns if c.startswith("color")][0], \
-                [c for c in frame.columns if c.startswith("value")][0]
+            run = next(c for c in frame.columns if c.startswith("color"))
+            value = next(c for c in frame.columns if c.startswith("value"))
             found[title] = {(r[run], float(r["step"])): r[value] for r in frame.to_dict("records")
                             if r[value] == r[value]}  # NaN: a step the other run did not log
     return found

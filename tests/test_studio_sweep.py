@@ -3,7 +3,7 @@ model launched from the page and watched to its end with best/ marked, Stop and 
 
 from __future__ import annotations
 
-import sys
+import csv
 import time
 from pathlib import Path
 
@@ -13,13 +13,13 @@ import yaml
 st = pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from dpolab.app.common import STUDIO  # noqa: E402
 from dpolab.folders.catalog import status_of  # noqa: E402
 from dpolab.folders.sweep import SweepFolder  # noqa: E402
 from dpolab.jobs import find_job, log_tail, read_job, stop_job, wait_job  # noqa: E402
 from dpolab.sweep import SweepConfig  # noqa: E402
 from dpolab.sweep.report import load_sweep, trial_rows  # noqa: E402
 from tests.conftest import write_jsonl  # noqa: E402
+from tests.test_studio_runs import open_studio  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +31,7 @@ def pairs(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def open_sweep(monkeypatch):
-    def make(root: Path) -> AppTest:
-        monkeypatch.setattr(sys, "argv", [str(STUDIO), "--runs-dir", str(root)])
-        at = AppTest.from_file(str(STUDIO), default_timeout=120)
-        at.run()
-        at.switch_page("pages/sweep.py").run()
-        assert not at.exception, at.exception
-        return at
-
-    return make
+    return lambda root: open_studio(monkeypatch, root, "sweep.py")
 
 
 def fill(at: AppTest, model: Path, data: Path, lrs: str = "1e-4, 2e-3", trials: int = 2, steps: int = 4,
@@ -142,6 +134,10 @@ def test_two_trial_sweep_from_the_page_to_best(tmp_path, open_sweep, tiny_llama,
     assert list(frame["trial"]) == [r["trial"] for r in rows]
     assert list(frame["state"]) == [r["state"].lower() for r in rows]
     assert sorted(frame["learning_rate"]) == [1e-4, 2e-3]
+    with open(sweep_dir / "trials.csv") as handle:  # the table the sweep itself wrote at its end
+        written = list(csv.DictReader(handle))
+    assert [(int(r["trial"]), r["state"].lower(), float(r["value"])) for r in written] == \
+        list(zip(frame["trial"], frame["state"], frame["objective"]))
     marked = frame[frame["best"] != ""]
     assert list(marked["trial"]) == [best["trial"]] and list(marked["best"]) == ["★ best/"]
     assert marked["objective"].iloc[0] == pytest.approx(best["value"])

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpolab.errors import DpolabError
 from dpolab.folders.run import RunFolder
 from dpolab.folders.sweep import SweepFolder
 from dpolab.jobs import Job, list_jobs
@@ -141,7 +142,7 @@ def _entry(path: Path, kind: str, job: Job | None) -> Entry:
         sweep = SweepFolder(path)
         try:
             config = (sweep.read_config_tree() or {}).get("base") or {}
-        except Exception:  # a sweep.yaml being rewritten, or not one this dpolab reads: list it without its settings
+        except DpolabError:  # a sweep.yaml being rewritten, or not one this dpolab reads: list it without its settings
             config = {}
         best = sweep.read_best()
         if best is not None:

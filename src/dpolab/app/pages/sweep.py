@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import get_args
 
 import pandas as pd
 import streamlit as st
 import yaml
-from typing import get_args
 
 from dpolab import EMBEDDED_MODEL
 from dpolab.app.common import fmt_duration, fmt_time, runs_root, studio_args
@@ -214,6 +214,23 @@ def trials(entry) -> tuple[pd.DataFrame | None, dict | None, str | None]:
     return pd.DataFrame(table), best, None
 
 
+def best_panel(entry, folder: SweepFolder, best: dict) -> None:
+    """The best trial, highlighted, with its best/ one click away in Chat and Publish."""
+    with st.container(key="sweep_best"):
+        here = SweepFolder.is_sweep_with_best(entry.path)
+        where = f"best/ at `{folder.best_dir}`" if here else "best/ is on the machine that ran it"
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+        st.success(f"Best: trial {best['trial']} · {best['objective']} = {best['value']:.4f} · {params} · {where}",
+                   icon=":material/star:")
+        if here:
+            left, right, _ = st.columns([1, 1, 3])
+            if left.button("Chat with the best trial", key="sweep_chat_best", icon=":material/forum:"):
+                # The chat page's model list names runs as <runs-dir as given>/<name>.
+                st.session_state["model_choice"] = str(Path(studio_args().runs_dir) / entry.name)
+                st.switch_page("pages/chat.py")
+            right.page_link("pages/publish.py", label="Publish it", icon=":material/publish:")
+
+
 def watch(root: Path, entry) -> None:
     folder = SweepFolder(entry.path)
     job = entry.job
@@ -259,19 +276,7 @@ def watch(root: Path, entry) -> None:
     else:
         st.caption(why or "No trials yet.")
     if best is not None:
-        with st.container(key="sweep_best"):
-            here = SweepFolder.is_sweep_with_best(entry.path)
-            where = f"best/ at `{folder.best_dir}`" if here else "best/ is on the machine that ran it"
-            params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
-            st.success(f"Best: trial {best['trial']} · {best['objective']} = {best['value']:.4f} · {params} · {where}",
-                       icon=":material/star:")
-            if here:
-                left, right, _ = st.columns([1, 1, 3])
-                if left.button("Chat with the best trial", key="sweep_chat_best", icon=":material/forum:"):
-                    # The chat page's model list names runs as <runs-dir as given>/<name>.
-                    st.session_state["model_choice"] = str(Path(studio_args().runs_dir) / entry.name)
-                    st.switch_page("pages/chat.py")
-                right.page_link("pages/publish.py", label="Publish it", icon=":material/publish:")
+        best_panel(entry, folder, best)
     if job is not None:
         if job.status == "failed":
             st.error(f"`{job.command}` failed (exit {job.exit_code}); see its log.")
