@@ -19,6 +19,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from dpolab.app.common import STUDIO  # noqa: E402
 from dpolab.folders.catalog import RECENT_S, scan, status_of  # noqa: E402
 from dpolab.folders.run import RunFolder  # noqa: E402
+from dpolab.folders.sweep import SweepFolder  # noqa: E402
 from dpolab.jobs import (  # noqa: E402
     find_job,
     list_jobs,
@@ -89,10 +90,8 @@ def charts(at: AppTest) -> dict[str, dict[tuple[str, float], float]]:
             spec = json.loads(element.proto.spec)
             title = next(t for t in CURVES if t in json.dumps(spec))
             frame = convert_arrow_bytes_to_pandas_df(element.proto.datasets[0].data.data)
-            run = next(c for c in frame.columns if c.startswith("color"))
-            value = next(c for c in frame.columns if c.startswith("value"))
-            found[title] = {(r[run], float(r["step"])): r[value] for r in frame.to_dict("records")
-                            if r[value] == r[value]}  # NaN: a step the other run did not log
+            value = next(c for c in frame.columns if c not in ("step", "run"))
+            found[title] = {(r["run"], float(r["step"])): r[value] for r in frame.to_dict("records")}
     return found
 
 
@@ -130,6 +129,26 @@ def test_status_of_finished_copied_and_starting_folders(tmp_path, finished):
     assert entries["done"].job is None  # the eval job is not the run's writer
 
 
+def test_status_of_sweep_folders_without_a_job(tmp_path):
+    """Sweeps run from a terminal: its table (trials.csv) written after the last trial means finished."""
+    root = tmp_path / "runs"
+    old = time.time() - 2 * RECENT_S
+    for name, journal, table in (("done", old - 10, old), ("resumed", None, old - 10), ("cut", old, None),
+                                 ("live", None, None)):
+        folder = SweepFolder(root / name)
+        folder.path.mkdir(parents=True)
+        folder.config_file.write_text("n_trials: 2\n")
+        folder.journal_file.write_text("")
+        if journal is not None:
+            os.utime(folder.journal_file, (journal, journal))
+        if table is not None:
+            folder.trials_csv.write_text("trial\n")
+            os.utime(folder.trials_csv, (table, table))
+    assert {e.name: (e.kind, e.status) for e in scan(root)} == {
+        "done": ("sweep", "finished"), "resumed": ("sweep", "running"), "cut": ("sweep", "stopped"),
+        "live": ("sweep", "running")}
+
+
 def test_status_from_real_jobs_running_stopped_failed(tmp_path, tiny_llama, pairs):
     root = tmp_path / "runs"
     failing = start_job(root, "train", root / "broken", train_argv(tiny_llama, tmp_path / "missing.jsonl",
@@ -165,7 +184,7 @@ def test_finished_runs_table_equals_their_metrics(finished, open_runs):
     assert set(rows) == {"alpha", "beta"}
     for name, row in rows.items():
         metrics = RunFolder(finished / name).read_metrics()
-        assert row["kind"] == "run" and row["status"] == "✅ finished" and row["method"] == "dpo"
+        assert row["kind"] == "run" and row["status"] == "finished" and row["method"] == "dpo"
         assert row["best eval loss"] == pytest.approx(metrics["best"]["loss"], abs=0)
         assert row["reward accuracy"] == pytest.approx(metrics["best"]["rewards/accuracies"], abs=0)
         assert row["steps"] == metrics["global_step"] > 0
@@ -198,8 +217,8 @@ def test_a_running_and_a_failed_job_on_the_page(tmp_path, tiny_llama, pairs, ope
         wait_job(failing, timeout=120)
         at = open_runs(root)
         rows = table(at)
-        assert rows["long"]["status"] == "🟢 running" and rows["long"]["steps"] >= 2
-        assert rows["broken"]["status"] == "❌ failed"
+        assert rows["long"]["status"] == "running" and rows["long"]["steps"] >= 2
+        assert rows["broken"]["status"] == "failed"
         at.selectbox(key="runs_detail").set_value("long").run()
         bars = [p for p in at.main if type(p).__name__ == "Progress"]
         assert bars and "step " in bars[0].proto.text and "/100000" in bars[0].proto.text

@@ -62,15 +62,15 @@ def _writer_job(jobs: list[Job], path: Path, kind: str) -> Job | None:
     return next((job for job in jobs if job.target == path and job.kind == WRITER[kind]), None)
 
 
+def _mtime(file: Path) -> float:
+    try:
+        return file.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _recent(*files: Path) -> bool:
-    now = time.time()
-    for file in files:
-        try:
-            if now - file.stat().st_mtime < RECENT_S:
-                return True
-        except OSError:
-            continue
-    return False
+    return any(time.time() - _mtime(file) < RECENT_S for file in files)
 
 
 def _sweep_trials(sweep: SweepFolder) -> list[RunFolder]:
@@ -97,9 +97,10 @@ def folder_status(path: Path, kind: str, job: Job | None) -> str:
     sweep = SweepFolder(path)
     if job is not None:
         return job.status
-    if _recent(sweep.journal_file, *(trial.progress_file for trial in _sweep_trials(sweep))):
-        return "running"
-    return "finished" if sweep.trials_csv.is_file() else "stopped"  # a sweep resumes where it stopped
+    activity = [sweep.journal_file, *(trial.progress_file for trial in _sweep_trials(sweep))]
+    if sweep.trials_csv.is_file() and _mtime(sweep.trials_csv) >= max(map(_mtime, activity)):
+        return "finished"  # its table is written at the end, after the last trial (none since: not resumed)
+    return "running" if _recent(*activity) else "stopped"  # a sweep resumes where it stopped
 
 
 def status_of(runs_root: Path, path: Path) -> str | None:

@@ -23,8 +23,7 @@ from dpolab.jobs import JobError, find_job, log_progress, log_tail, start_job, s
 # Curves overlaid: (log key, title). Training points carry the first three; evaluation points eval_loss.
 CURVES = (("loss", "Training loss"), ("rewards/accuracies", "Reward accuracy"), ("rewards/margins", "Reward margin"),
           ("eval_loss", "Eval loss"))
-STATUS_ICON = {"running": "🟢 running", "stopping": "🟡 stopping", "finished": "✅ finished", "stopped": "⏸️ stopped",
-               "failed": "❌ failed"}
+
 
 
 def model_run(entry: Entry) -> RunFolder | None:
@@ -47,21 +46,19 @@ def history(entry: Entry) -> list[dict]:
     return progress.history if progress else []
 
 
-def curve_frame(entries: list[Entry], key: str) -> pd.DataFrame:
-    """One column per run: `key` by step (the last value logged for a step wins)."""
-    columns = {}
+def curve_frame(entries: list[Entry], key: str, title: str) -> pd.DataFrame:
+    """Long format, (step, run, `title`): each run's own points only (no gaps where another run logged and this one
+    did not), the last value logged for a step winning."""
+    rows = []
     for entry in entries:
         points = {p["step"]: p[key] for p in history(entry) if p.get(key) is not None and "step" in p}
-        if points:
-            columns[entry.name] = pd.Series(points, dtype=float)
-    frame = pd.DataFrame(columns).sort_index()
-    frame.index.name = "step"
-    return frame
+        rows += [{"step": step, "run": entry.name, title: float(value)} for step, value in sorted(points.items())]
+    return pd.DataFrame(rows, columns=["step", "run", title])
 
 
 def table(entries: list[Entry]) -> pd.DataFrame:
     return pd.DataFrame([{
-        "name": e.name, "kind": e.kind, "status": STATUS_ICON.get(e.status, e.status), "model": e.model,
+        "name": e.name, "kind": e.kind, "status": e.status, "model": e.model,
         "method": e.method, "data": e.dataset, "best eval loss": e.best_eval_loss, "reward accuracy": e.reward_accuracy,
         "steps": e.steps, "trials": e.trials, "duration": fmt_duration(e.duration_s), "started": fmt_time(e.started),
     } for e in entries])
@@ -98,11 +95,11 @@ def overlay(entries: list[Entry]) -> None:
         for cell, (key, title) in zip(st.columns(2), row):
             with cell:
                 st.markdown(f"**{title}**")
-                frame = curve_frame(picked, key)
+                frame = curve_frame(picked, key, title)
                 if frame.empty:
                     st.caption(f"No `{key}` points logged yet.")
                 else:
-                    st.line_chart(frame, x_label="step", y_label=title, height=260)
+                    st.line_chart(frame, x="step", y=title, color="run", height=260)
 
 
 def eval_panel(entry: Entry, run: RunFolder) -> None:

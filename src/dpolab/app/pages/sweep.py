@@ -223,7 +223,7 @@ def best_panel(entry, folder: SweepFolder, best: dict) -> None:
         st.success(f"Best: trial {best['trial']} · {best['objective']} = {best['value']:.4f} · {params} · {where}",
                    icon=":material/star:")
         if here:
-            left, right, _ = st.columns([1, 1, 3])
+            left, right, _ = st.columns([2, 1, 2])
             if left.button("Chat with the best trial", key="sweep_chat_best", icon=":material/forum:"):
                 # The chat page's model list names runs as <runs-dir as given>/<name>.
                 st.session_state["model_choice"] = str(Path(studio_args().runs_dir) / entry.name)
@@ -234,8 +234,9 @@ def best_panel(entry, folder: SweepFolder, best: dict) -> None:
 def watch(root: Path, entry) -> None:
     folder = SweepFolder(entry.path)
     job = entry.job
-    st.markdown(f"`{entry.path}` · **{entry.status}**" + (f" · started {fmt_time(entry.started)}, "
-                                                          f"{fmt_duration(entry.duration_s)}" if entry.started else ""))
+    took = f", {fmt_duration(entry.duration_s)}" if entry.duration_s is not None else ""
+    started = f" · started {fmt_time(entry.started)}{took}" if entry.started else ""
+    st.markdown(f"`{entry.path}` · **{entry.status}**{started}")
     left, right, _ = st.columns([1, 1, 4])
     if entry.status in ("running", "stopping"):
         if job is not None:
@@ -272,7 +273,8 @@ def watch(root: Path, entry) -> None:
         st.dataframe(styled, key="sweep_trials", hide_index=True, width="stretch",
                      column_config={"objective": st.column_config.NumberColumn(format="%.4f"),
                                     "eval loss": st.column_config.NumberColumn(format="%.4f"),
-                                    "accuracy": st.column_config.NumberColumn(format="%.3f")})
+                                    "accuracy": st.column_config.NumberColumn(format="%.3f"),
+                                    "seconds": st.column_config.NumberColumn(format="%.1f")})
     else:
         st.caption(why or "No trials yet.")
     if best is not None:
