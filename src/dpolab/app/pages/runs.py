@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
-import streamlit.components.v1 as components
 
 from dpolab.app.common import fmt_duration, fmt_time, runs_root
 from dpolab.folders.catalog import Entry, scan
@@ -138,7 +137,8 @@ def eval_panel(entry: Entry, run: RunFolder) -> None:
     html, md = run.eval_dir / "report.html", run.eval_dir / "report.md"
     if html.is_file():
         with st.container(key="runs_eval_report"):
-            components.html(html.read_text(), height=900, scrolling=True)
+            # dpolab's own report: self-contained, every generated text HTML-escaped by the report writer.
+            st.iframe(html, height=900)
     elif md.is_file():
         with st.container(key="runs_eval_report"):
             st.markdown(md.read_text())
