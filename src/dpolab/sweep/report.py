@@ -112,9 +112,9 @@ def write_report(sweep, study, log=None) -> dict[str, Any]:
     return {"rows": rows, "best": update_best(sweep, study, log)}
 
 
-def report_sweep(sweep_dir: Path, storage_url: str | None = None, log=None) -> tuple[dict[str, Any], Any]:
-    """`dpolab sweep --report DIR`: rewrite the table, plot and best/ of a sweep folder from its study alone (a
-    folder holding only the sweep's sweep.yaml will do, with --storage naming the study's database)."""
+def load_sweep(sweep_dir: Path, storage_url: str | None = None, log=None) -> tuple[Any, Any]:
+    """(config, study) of a sweep folder, read only: its sweep.yaml and its study (a SweepError, one line, when the
+    folder is not a sweep or has no study yet). The config's sweep_dir is the folder asked for, wherever it ran."""
     from pydantic import ValidationError
 
     from dpolab.errors import SweepError
@@ -132,7 +132,13 @@ def report_sweep(sweep_dir: Path, storage_url: str | None = None, log=None) -> t
                          "study lives")
     name = cfg.sweep_dir.name  # the study is named by the sweep_dir its workers ran with
     cfg = cfg.model_copy(update={"sweep_dir": folder.path})  # the folder asked for, wherever the sweep ran from
-    study = open_study(cfg, storage_url, log=log, study_name=name, create=False)
+    return cfg, open_study(cfg, storage_url, log=log, study_name=name, create=False)
+
+
+def report_sweep(sweep_dir: Path, storage_url: str | None = None, log=None) -> tuple[dict[str, Any], Any]:
+    """`dpolab sweep --report DIR`: rewrite the table, plot and best/ of a sweep folder from its study alone (a
+    folder holding only the sweep's sweep.yaml will do, with --storage naming the study's database)."""
+    cfg, study = load_sweep(sweep_dir, storage_url, log)
     return write_report(cfg, study, log), cfg
 
 
