@@ -162,6 +162,10 @@ def test_prepare_runs_as_a_job_and_shows_the_report(open_data, tiny_llama, pairs
     assert prepared.config == DataConfig(dataset=str(pairs.resolve()), tokenizer=str(tiny_llama))
     links = at.get("page_link")
     assert links and "Train on this data" in str(links[0].proto)
+    listed = frames(at, "tokenizer")[-1]
+    assert listed.to_dict("records") == [{"name": "my-data", "status": "prepared", "source": str(pairs.resolve()),
+                                          "kept": report["rows_kept"], "of": report["rows_in"], "template": "qa",
+                                          "tokenizer": str(tiny_llama)}]
     # Prepare again needs "Replace".
     assert at.button(key="prepare_start").disabled
     at.checkbox(key="prepare_overwrite").check().run()

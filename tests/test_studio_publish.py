@@ -16,7 +16,7 @@ from dpolab.app.common import STUDIO  # noqa: E402
 from dpolab.config import DataConfig, TrainConfig  # noqa: E402
 from dpolab.data.prepare import prepare_data  # noqa: E402
 from dpolab.engine.train import run_training  # noqa: E402
-from dpolab.jobs import list_jobs, log_tail, wait_job  # noqa: E402
+from dpolab.jobs import list_jobs, log_tail, start_job, wait_job  # noqa: E402
 from dpolab.publish import export_model, model_card  # noqa: E402
 from tests.conftest import write_jsonl  # noqa: E402
 from tests.test_publish import FakeHub  # noqa: E402
@@ -90,10 +90,11 @@ def test_export_job_writes_the_card_shown(monkeypatch, runs):
     assert card.text.strip() in [m.strip() for m in markdown_of(at)]
     at.text_input(key="export_name").set_value("tiny-export").run()
     at.button(key="export_start").click().run()
-    [job] = [j for j in list_jobs(runs) if j.kind == "export"]
     out = (runs / "exports" / "tiny-export").resolve()
+    [job] = [j for j in list_jobs(runs) if j.kind == "export" and j.target == out]
     assert job.target == out and job.argv == ["export", run, "--out", str(out)]
     assert at.button(key="export_start").disabled  # running: no second export into the same folder
+    assert any("export** job" in m and ("running" in m or "starting" in m) for m in markdown_of(at))
     assert wait_job(job, timeout=120).status == "finished", log_tail(job)
     at.run()
     assert not at.exception, at.exception
@@ -107,12 +108,19 @@ def test_export_job_writes_the_card_shown(monkeypatch, runs):
     assert at.selectbox(key="push_source").value == str(out)
 
 
-def test_failed_export_job_shows_its_error(monkeypatch, runs, tmp_path):
+def test_a_failed_export_job_shows_its_one_line_error(monkeypatch, runs):
+    out = runs / "exports" / "tiny-run-export"  # the name the page proposes for tiny-run
+    job = start_job(runs, "export", out, ["export", str(runs / "no-such-run"), "--out", str(out)])
+    assert wait_job(job, timeout=120).status == "failed"
     at = open_page(monkeypatch, runs)
-    at.text_input(key="export_name").set_value("gguf-bad").run()
+    assert at.text_input(key="export_name").value == "tiny-run-export"
+    errors = [e.value for e in at.error]
+    assert any(e.startswith("export failed: ") and "no-such-run" in e and "\n" not in e for e in errors), errors
+    assert any("**failed**" in m for m in markdown_of(at))
+    # The form checks what it can before a job starts.
     at.radio(key="export_format").set_value("gguf").run()
     at.multiselect(key="export_quants").set_value([]).run()
-    assert at.button(key="export_start").disabled  # no GGUF weights picked
+    assert at.button(key="export_start").disabled
     assert any("GGUF weights: pick at least one" in c.value for c in at.caption)
 
 

@@ -9,7 +9,10 @@ import streamlit as st
 from dpolab.app.common import fmt_duration
 from dpolab.jobs import Job, log_progress, log_tail, stop_job
 
-STATUS_ICON = {"starting": "⏳", "running": "⏳", "stopping": "⏸️", "finished": "✅", "failed": "❌", "stopped": "⏹️"}
+# Streamlit's own (bundled) icon font: emoji need a font the machine may not have.
+STATUS_ICON = {"starting": ":material/hourglass_top:", "running": ":material/progress_activity:",
+               "stopping": ":material/pause_circle:", "finished": ":material/check_circle:",
+               "failed": ":material/error:", "stopped": ":material/stop_circle:"}
 
 
 def last_line(job: Job, scrub: str | None = None) -> str:

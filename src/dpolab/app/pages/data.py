@@ -30,7 +30,7 @@ from dpolab.data.prepare import build, is_prepared
 from dpolab.data.templates import TEMPLATES
 from dpolab.errors import DpolabError
 from dpolab.folders.prepared import PreparedFolder
-from dpolab.jobs import JobError, find_job, start_job
+from dpolab.jobs import JobError, find_job, list_jobs, start_job
 
 SOURCES = {"demo": "Demo set", "path": "Local file or folder", "upload": "Upload", "hub": "Hub dataset"}
 SHAPES = ("auto", "explicit", "hh", "conversational", "unpaired")
@@ -287,7 +287,7 @@ def show_report(report: dict[str, Any], folder: PreparedFolder) -> None:
         st.dataframe(pd.DataFrame({"reason": list(report["dropped"]), "rows": list(report["dropped"].values())}),
                      hide_index=True, key="prepare_drop_counts")
     _tokens_table(report, "prepare_token_stats")
-    st.page_link("pages/train.py", label="Train on this data", icon="🚀", query_params={"data": str(folder.path)})
+    st.page_link("pages/train.py", label="Train on this data", icon=":material/model_training:", query_params={"data": str(folder.path)})
 
 
 def job_panel(root: Path, out: Path, was_active: bool) -> None:
@@ -339,6 +339,27 @@ def prepare_section(root: Path, config: DataConfig | None, default_name: str) ->
     st.fragment(job_panel, run_every=1.0 if active else None)(root, out, active)
 
 
+def prepared_folders(root: Path) -> None:
+    """Every prepared folder directly under the runs root (and those being prepared), newest first."""
+    if not root.is_dir():
+        return
+    jobs = {job.target: job for job in reversed(list_jobs(root)) if job.kind == "prepare"}  # newest wins
+    rows = []
+    for child in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                        key=lambda p: p.stat().st_mtime, reverse=True):
+        job = jobs.get(child.resolve())
+        folder = PreparedFolder(child)
+        if not (is_prepared(child) and folder.report_file.is_file()) and not (job and job.active):
+            continue
+        report = folder.read_report() if folder.report_file.is_file() else {}
+        rows.append({"name": child.name, "status": job.status if job and job.active else "prepared",
+                     "source": report.get("source"), "kept": report.get("rows_kept"), "of": report.get("rows_in"),
+                     "template": report.get("template"), "tokenizer": report.get("tokenizer")})
+    if rows:
+        with st.expander(f"Prepared data in this runs root ({len(rows)})"):
+            st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+
 # -------------------------------------------------------------------------------------------------------------- page
 def main() -> None:
     root = runs_root()
@@ -361,6 +382,7 @@ def main() -> None:
             if show_preview(config, int(sample), int(shown)) is None:
                 config = None  # nothing to prepare from a source that cannot be read
     prepare_section(root, config, default_name)
+    prepared_folders(root)
 
 
 main()
