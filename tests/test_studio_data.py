@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 
 st = pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.testing.v1 import AppTest
 
-from dpolab.app.common import STUDIO  # noqa: E402
-from dpolab.app.uploads import save_upload  # noqa: E402
-from dpolab.config import DataConfig  # noqa: E402
-from dpolab.data import sources  # noqa: E402
-from dpolab.data.prepare import load_prepared, prepare_data  # noqa: E402
-from dpolab.data.shapes import Columns, detect_shape, parse_row  # noqa: E402
-from dpolab.data.templates import render  # noqa: E402
-from dpolab.jobs import list_jobs, start_job, wait_job  # noqa: E402
-from tests.conftest import write_jsonl  # noqa: E402
+from dpolab.app.common import STUDIO
+from dpolab.app.uploads import save_upload
+from dpolab.config import DataConfig
+from dpolab.data import sources
+from dpolab.data.prepare import load_prepared, prepare_data
+from dpolab.data.shapes import Columns, detect_shape, parse_row
+from dpolab.data.templates import render
+from dpolab.jobs import list_jobs, start_job, wait_job
+from tests.conftest import write_jsonl
 
 ROWS = [{"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"Maybe {3 * i + 1}."}
         for i in range(12)]
@@ -40,20 +40,20 @@ def pairs(tmp_path) -> Path:
     return write_jsonl(tmp_path / "src" / "pairs.jsonl", ROWS[:6] + BAD + ROWS[6:])
 
 
+def open_studio(monkeypatch, root: Path, page: str) -> AppTest:
+    """The studio's `page` (e.g. "pages/data.py") with runs root `root`, as `dpolab app --runs-dir ROOT` serves it."""
+    monkeypatch.setattr(sys, "argv", [str(STUDIO), "--runs-dir", str(root)])
+    at = AppTest.from_file(str(STUDIO), default_timeout=120)
+    at.switch_page(page)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
 @pytest.fixture
 def open_data(monkeypatch, tmp_path):
-    """The Data page of a studio whose runs root is tmp_path/runs (as `dpolab app --runs-dir` passes it)."""
-    root = tmp_path / "runs"
-
-    def make() -> AppTest:
-        monkeypatch.setattr(sys, "argv", [str(STUDIO), "--runs-dir", str(root)])
-        at = AppTest.from_file(str(STUDIO), default_timeout=120)
-        at.switch_page("pages/data.py")
-        at.run()
-        assert not at.exception, at.exception
-        return at
-
-    return make
+    """The Data page of a studio whose runs root is tmp_path/runs."""
+    return lambda: open_studio(monkeypatch, tmp_path / "runs", "pages/data.py")
 
 
 def use(at: AppTest, tokenizer_dir: Path, path: Path | None = None, template: str = "qa") -> AppTest:
@@ -171,6 +171,10 @@ def test_prepare_runs_as_a_job_and_shows_the_report(open_data, tiny_llama, pairs
     at.checkbox(key="prepare_overwrite").check().run()
     assert not at.button(key="prepare_start").disabled
     assert any(c.value.endswith("--overwrite") for c in at.code)
+    # A prepared folder as the source: its report, nothing to prepare.
+    at.text_input(key="data_path").set_value(str(root / "my-data")).run()
+    assert any("is a prepared folder already" in i.value for i in at.info)
+    assert at.button(key="prepare_start").disabled
 
 
 def test_a_failed_prepare_job_shows_its_error(open_data, tiny_llama, tmp_path):

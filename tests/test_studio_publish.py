@@ -3,23 +3,22 @@ before any push, and a canary token that must not appear in the page, the jobs' 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 st = pytest.importorskip("streamlit")
-from huggingface_hub import ModelCard  # noqa: E402
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from huggingface_hub import ModelCard
+from streamlit.testing.v1 import AppTest
 
-from dpolab.app.common import STUDIO  # noqa: E402
-from dpolab.config import DataConfig, TrainConfig  # noqa: E402
-from dpolab.data.prepare import prepare_data  # noqa: E402
-from dpolab.engine.train import run_training  # noqa: E402
-from dpolab.jobs import list_jobs, log_tail, start_job, wait_job  # noqa: E402
-from dpolab.publish import export_model, model_card  # noqa: E402
-from tests.conftest import write_jsonl  # noqa: E402
-from tests.test_publish import FakeHub  # noqa: E402
+from dpolab.config import DataConfig, TrainConfig
+from dpolab.data.prepare import prepare_data
+from dpolab.engine.train import run_training
+from dpolab.jobs import list_jobs, log_tail, start_job, wait_job
+from dpolab.publish import export_model, model_card
+from tests.conftest import write_jsonl
+from tests.test_publish import FakeHub
+from tests.test_studio_data import open_studio
 
 CANARY = "hf_CanaryToken_7d1e5f0a9b3c2e4d6f8a"  # a fake token: its only job is to be searched for
 REPO = "alice/tiny-dpo"
@@ -41,12 +40,7 @@ def runs(tmp_path_factory, tiny_llama, tokenizer) -> Path:
 
 
 def open_page(monkeypatch, root: Path) -> AppTest:
-    monkeypatch.setattr(sys, "argv", [str(STUDIO), "--runs-dir", str(root)])
-    at = AppTest.from_file(str(STUDIO), default_timeout=120)
-    at.switch_page("pages/publish.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_studio(monkeypatch, root, "pages/publish.py")
 
 
 def rendered(at: AppTest) -> bytes:
@@ -144,7 +138,7 @@ def test_dry_run_first_then_push_and_the_token_appears_nowhere(monkeypatch, runs
         assert dry.argv == ["push", str(folder.resolve()), "--repo", REPO, "--dry-run"]
         assert wait_job(dry, timeout=120).status == "finished", log_tail(dry)
         clean(at.run())
-        assert any(s.value.startswith(f"Dry run: ") and REPO in s.value for s in at.success)
+        assert any(s.value.startswith("Dry run: ") and REPO in s.value for s in at.success)
         files = next(c.value for c in at.code if "README.md" in c.value and "model.safetensors" in c.value)
         assert "config.json" in files
         assert f'model_id = "{REPO}"' in "\n".join(markdown_of(at))  # the card as it will be on the Hub
@@ -169,7 +163,7 @@ def test_dry_run_first_then_push_and_the_token_appears_nowhere(monkeypatch, runs
         assert pushed.id != failed.id and pushed.argv == ["push", str(folder.resolve()), "--repo", REPO]
         assert wait_job(pushed, timeout=120).status == "finished", log_tail(pushed)
         clean(at.run())
-        assert any(s.value.startswith(f"pushed ") and REPO in s.value for s in at.success)
+        assert any(s.value.startswith("pushed ") and REPO in s.value for s in at.success)
         assert hub.commits() and all(r["headers"].get("authorization") == f"Bearer {CANARY}" for r in hub.requests
                                      if r["method"] == "POST"), [(r["method"], r["path"]) for r in hub.requests]
 

@@ -366,6 +366,10 @@ def main() -> None:
     st.title("Data")
     st.caption(f"Runs root: `{root}`")
     source, default_name = pick_source(root)
+    if source is not None and source != "demo" and is_prepared(source):
+        st.info(f"`{source}` is a prepared folder already: nothing to prepare, train on it as it is.")
+        show_report(PreparedFolder(Path(source)).read_report(), PreparedFolder(Path(source)))
+        source = None
     config = None
     if source is not None:
         try:
