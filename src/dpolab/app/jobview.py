@@ -23,7 +23,13 @@ def last_line(job: Job, scrub: str | None = None) -> str:
 
 
 def show_job(job: Job, key: str, scrub: str | None = None) -> None:
-    """Status, progress, command and log of `job`; `key` prefixes its widgets' keys (`{key}_stop`)."""
+    """Status, progress, command and log of `job` in a container keyed `key` (CSS class st-key-KEY); its Stop
+    button is `{key}_stop`."""
+    with st.container(key=key):
+        _show_job(job, key, scrub)
+
+
+def _show_job(job: Job, key: str, scrub: str | None) -> None:
     icon = STATUS_ICON.get(job.status, "")
     st.markdown(f"{icon} **{job.kind}** job `{job.id}` · **{job.status}** · {fmt_duration(job.duration_s)}")
     progress = log_progress(job)
