@@ -133,6 +133,15 @@ def test_exported_and_sharded_folders_generate_the_run_tokens_without_dpolab(run
     torch.testing.assert_close(torch.tensor(got[3]), torch.tensor(logits), atol=1e-5, rtol=0)
 
 
+def test_model_card_is_the_card_export_writes(run_dir, exported):
+    from dpolab.publish import model_card
+
+    assert model_card(run_dir) == (exported / "README.md").read_text()
+    assert model_card(run_dir / "model") == (exported / "README.md").read_text()
+    assert f'model_id = "{REPO}"' in model_card(run_dir, repo_id=REPO)
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == [run_dir.name]  # nothing written
+
+
 def test_card_metadata_equals_metrics_json(run_dir, exported):
     card = _card(exported)
     best = json.loads((run_dir / "metrics.json").read_text())["best"]

@@ -74,6 +74,12 @@ def _check_options(fmt: str, quants: tuple[str, ...], adapter: bool) -> None:
         raise PublishError("--adapter exports the PEFT adapter folder; it cannot be combined with --format gguf")
 
 
+def _check_generative(info, source) -> None:
+    if info.method == "reward":  # the card, GGUF and Modelfile are written for text generation
+        raise PublishError(f"{source} is a reward model (method reward): export writes generative models; its "
+                           f"model/ folder loads as it is with AutoModelForSequenceClassification")
+
+
 def export_model(source: str | Path, out: Path, overwrite: bool = False, max_shard_size: int | str = "2GB",
                  repo_id: str | None = None, fmt: str = "hf", quants: tuple[str, ...] | list[str] = ("f16",),
                  adapter: bool = False) -> Path:
@@ -84,9 +90,7 @@ def export_model(source: str | Path, out: Path, overwrite: bool = False, max_sha
     quants = tuple(dict.fromkeys(quants or ("f16",)))
     _check_options(fmt, quants, adapter)
     info, name, sweep = _source(source)
-    if info.method == "reward":  # the card, GGUF and Modelfile are written for text generation
-        raise PublishError(f"{source} is a reward model (method reward): export writes generative models; its "
-                           f"model/ folder loads as it is with AutoModelForSequenceClassification")
+    _check_generative(info, source)
     model_dir = Path(info.model)
     out = Path(out).expanduser()
     protected = [Path(source).expanduser().resolve(), model_dir.resolve()]
@@ -121,15 +125,26 @@ def _copy_records(model_dir: Path, target: Path, run_dir: Path | None) -> None:
 
 
 def _write_model(info, name: str, sweep, tmp: Path, max_shard_size, repo_id: str | None, quants: tuple[str, ...]):
-    from dpolab.publish.card import build_card, load_sweep
-
     model_dir = Path(info.model)
     _write_weights(model_dir, tmp, max_shard_size)
     _copy_records(model_dir, tmp, info.run_dir)
     local = _write_gguf_files(model_dir, tmp, name, info.template, quants) if quants else None
-    card = build_card(info, name, repo_id=repo_id, sweep=load_sweep(sweep) if sweep else None,
+    _card(info, name, sweep, repo_id, local).save(tmp / "README.md")
+
+
+def _card(info, name: str, sweep, repo_id: str | None, local: list[dict] | None):
+    from dpolab.publish.card import build_card, load_sweep
+
+    return build_card(info, name, repo_id=repo_id, sweep=load_sweep(sweep) if sweep else None,
                       data_report=info.data_report, base_license=_base_license(info.base_model), local=local)
-    card.save(tmp / "README.md")
+
+
+def model_card(source: str | Path, repo_id: str | None = None) -> str:
+    """The model card (README.md text) `export_model(source)` writes for the merged model in the hf format, without
+    exporting anything: the studio shows it before an export."""
+    info, name, sweep = _source(source)
+    _check_generative(info, source)
+    return str(_card(info, name, sweep, repo_id, None))
 
 
 def _write_gguf_files(model_dir: Path, tmp: Path, name: str, template: str, quants: tuple[str, ...]) -> list[dict]:
