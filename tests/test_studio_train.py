@@ -5,7 +5,6 @@ and resumed from the page, a failed job, a finished run."""
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from dpolab.config import TrainConfig, load_config  # noqa: E402
 from dpolab.folders.run import RunFolder  # noqa: E402
 from dpolab.jobs import JobError, list_jobs, log_tail, read_job, start_job, stop_job, wait_job  # noqa: E402
 from tests.conftest import write_jsonl  # noqa: E402
+from tests.test_jobs import wait_until  # noqa: E402
 
 OTHER = "Other (path or Hub id)…"
 
@@ -195,14 +195,6 @@ def series(frame, name: str) -> list[tuple[int, float]]:
     return [(int(s), round(float(v), 6)) for s, v in zip(rows["step"], rows["value"])]
 
 
-def wait_until(condition, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
-
-
 def test_empty_runs_root_shows_the_form_with_the_clis_defaults(open_train, tmp_path):
     runs = tmp_path / "runs"
     at = open_train(runs)
@@ -248,6 +240,10 @@ def test_a_finished_run_shows_its_metrics_and_refuses_a_second_start(open_train,
     at = fill(open_train(runs), tiny_llama, str(pairs), "tiny", 2)
     out = runs.resolve() / "tiny"
     shown = preview(at)
+    at.button(key="train_check").click()  # the dry run: validated and planned in the page, no job
+    rerun(at)
+    plan = {m.label: m.value for m in at.metric}
+    assert plan["Total steps"] == "2" and list_jobs(runs) == []
     at.button(key="train_start").click()
     rerun(at)
     (job,) = list_jobs(runs)
@@ -263,6 +259,7 @@ def test_a_finished_run_shows_its_metrics_and_refuses_a_second_start(open_train,
     assert shown_metrics["Eval loss (best)"] == f"{metrics['best']['loss']:.4f}"
     assert shown_metrics["Reward accuracy"] == f"{metrics['best']['rewards/accuracies']:.3f}"
     assert shown_metrics["Steps"] == "2"
+    assert plan["Training pairs"] == str(RunFolder(out).read_data_report()["train"])  # the plan said what ran
     assert progress_texts(at)[0].startswith("Step 2 of 2")
     assert any(s.value.startswith("Finished in") for s in at.success)
     links = {link.proto.label: link.proto.page for link in at.get("page_link")}

@@ -96,7 +96,7 @@ FIELDS: tuple[Field, ...] = (
     Field("epochs", "Epochs", "float"),
     Field("max_steps", "Max steps", "int"),
     Field("batch_size", "Batch size", "int"),
-    Field("grad_accum", "Gradient accumulation", "int"),
+    Field("grad_accum", "Grad accumulation", "int"),
     Field("loss_type", "Loss type(s)", "multiselect", methods=("dpo",)),
     Field("lora_r", "LoRA rank", "int"),
     Field("precision", "Precision", "select", advanced=True),

@@ -140,11 +140,13 @@ def form(root: Path) -> tuple[dict, str]:
         values["model"] = model_field(root)
     with right:
         values["dataset"] = dataset_field(root)
-    basic = [f for f in tf.FIELDS if not f.advanced and f.option not in ("method", "model", "dataset")
+    basic = [f for f in tf.FIELDS if not f.advanced and f.option not in ("method", "model", "dataset", "loss_type")
              and tf.applies(f, method)]
     columns = st.columns(3)
     for i, field in enumerate(basic):
         values[field.option] = widget(field, columns[i % 3])
+    if tf.applies(tf.BY_OPTION["loss_type"], method):  # a list of names: a row of its own
+        values["loss_type"] = widget(tf.BY_OPTION["loss_type"])
     with st.expander("Advanced options"):
         advanced = [f for f in tf.FIELDS if f.advanced and tf.applies(f, method)]
         columns = st.columns(3)
@@ -209,8 +211,8 @@ def start_section(root: Path, values: dict, name: str) -> None:
         for line in problems:
             st.error(line)
     if running is not None:
-        st.info(f"A job is already writing this folder (job {running.id}, {running.status}): it is shown below. "
-                "Choose another output folder to start a new run.")
+        st.info(f"A job is already writing this folder (job {running.id}, {running.status}): it is shown in the Job "
+                "panel. Choose another output folder to start a new run.")
 
     left, right = st.columns([1, 1])
     start = left.button("Start", key="train_start", type="primary", disabled=bool(problems) or running is not None,
@@ -297,7 +299,8 @@ def draw_curves(history: list[dict]) -> None:
     for i, (chart, points) in enumerate(data.items()):
         frame = pd.DataFrame(points)
         base = alt.Chart(frame).encode(x=alt.X("step:Q", title="step"), y=alt.Y("value:Q", title=None),
-                                       color=alt.Color("series:N", title=None), tooltip=["step", "series", "value"])
+                                       color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom")),
+                                       tooltip=["step", "series", "value"])
         layers = [base.mark_line()]
         if frame["eval"].any():  # evaluations are few: points, so that a single one shows
             layers.append(base.transform_filter(alt.datum.eval).mark_point(filled=True, size=60))
