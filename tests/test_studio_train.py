@@ -15,7 +15,8 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from dpolab import EMBEDDED_MODEL  # noqa: E402
 from dpolab.app import train_form as tf  # noqa: E402
 from dpolab.app.common import STUDIO  # noqa: E402
-from dpolab.cli.train import OVERRIDES  # noqa: E402
+from dpolab.cli.train import config_overrides, eval_schedule  # noqa: E402
+from dpolab.errors import ConfigError  # noqa: E402
 from dpolab.config import TrainConfig, load_config  # noqa: E402
 from dpolab.folders.run import RunFolder  # noqa: E402
 from dpolab.jobs import JobError, list_jobs, log_tail, read_job, start_job, stop_job, wait_job  # noqa: E402
@@ -27,7 +28,7 @@ OTHER = "Other (path or Hub id)…"
 
 # ------------------------------------------------------------------------------------------------ the command
 def cli_config(argv: list[str]) -> TrainConfig:
-    """What `dpolab train ARGV` runs: parsed by the CLI's own click command, then its OVERRIDES and load_config."""
+    """What `dpolab train ARGV` runs: parsed by the CLI's own click command, then its overrides and load_config."""
     import typer
 
     from dpolab.cli import app
@@ -36,8 +37,7 @@ def cli_config(argv: list[str]) -> TrainConfig:
     assert argv[0] == "train"
     params = command.make_context("train", list(argv[1:])).params
     assert not params["dry_run"]
-    options = {k: v for k, v in params.items() if k in OVERRIDES}
-    return load_config(TrainConfig, None, {OVERRIDES[k]: str(v) if isinstance(v, Path) else v for k, v in options.items()})
+    return load_config(TrainConfig, None, config_overrides(params))
 
 
 CASES = {
@@ -46,11 +46,11 @@ CASES = {
         beta=0.25, learning_rate=5e-4, epochs=2.5, max_steps=3, batch_size=4, grad_accum=2, loss_type=["sigmoid", "sft"],
         loss_weights="1,0.5", lora_r=8, precision="fp32", layout="padded", attention="sdpa",
         gradient_checkpointing="off", seed=7, template="chat", max_length=256, ld_alpha="0.3", label_smoothing=0.0,
-        model="org/some-model", dataset="/data/pairs.jsonl", ref_model="org/ref"),
+        model="org/some-model", dataset="/data/pairs.jsonl", ref_model="org/ref", eval_every="5"),
     "simpo (dpo-only options set but hidden)": dict(
         method="simpo", loss_type=["hinge"], ld_alpha="0.5", simpo_gamma=1.0, alphapo_alpha=0.2, cpo_alpha="0.1",
         label_smoothing=0.1, beta=2.0),
-    "kto": dict(method="kto", desirable_weight=1.5, undesirable_weight=0.5, gradient_checkpointing="on"),
+    "kto": dict(method="kto", desirable_weight=1.5, undesirable_weight=0.5, gradient_checkpointing="on", eval_every="no"),
     "reward": dict(method="reward", center_rewards_coefficient="0.01", beta=0.5, learning_rate=1e-5),
 }
 
@@ -80,6 +80,9 @@ def test_the_command_parses_back_to_the_forms_config(case, tmp_path):
     if case.startswith("dpo"):
         assert cfg.lora.r == 8 and cfg.loss_types == ("sigmoid", "sft") and cfg.gradient_checkpointing is False
         assert argv[argv.index("--learning-rate") + 1] == "0.0005" and argv[argv.index("--epochs") + 1] == "2.5"
+        assert (cfg.eval_every, cfg.eval_steps, cfg.save_every, cfg.save_steps) == ("steps", 5, "steps", 5)
+    if case == "kto":
+        assert cfg.eval_every == "no" and "--eval-every" in argv
 
 
 def test_defaults_and_help_come_from_the_cli_and_the_config():
@@ -111,6 +114,27 @@ def test_validation_names_the_field_on_one_line(tmp_path):
     assert problems == ["Loss type(s) (--loss-type): choose at least one loss type"]
     _, problems = tf.validate({**tf.defaults(), "max_length": 4}, out)
     assert problems == ["Max length (tokens) (--max-length): Input should be greater than 8"]
+
+
+def test_eval_every_sets_the_save_schedule_with_it():
+    assert eval_schedule(None) == {} and eval_schedule("no") == {"eval_every": "no"}
+    assert eval_schedule("Epoch") == {"eval_every": "epoch", "save_every": "epoch"}
+    assert eval_schedule("20") == {"eval_every": "steps", "eval_steps": 20, "save_every": "steps", "save_steps": 20}
+    for bad in ("0", "steps", "-3", "1.5"):
+        with pytest.raises(ConfigError, match="--eval-every must be epoch, no, or a number of steps"):
+            eval_schedule(bad)
+    _, problems = tf.validate({**tf.defaults(), "eval_every": "often"}, Path("x"))
+    assert problems == ["Evaluate every (--eval-every): epoch, no, or a number of steps (got 'often')"]
+
+
+def test_the_cli_refuses_a_bad_eval_every_on_one_line():
+    from typer.testing import CliRunner
+
+    from dpolab.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--eval-every", "often", "--dry-run"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: --eval-every must be epoch, no, or a number of steps (got 'often')"
 
 
 def test_resume_argv_drops_overwrite():
@@ -208,7 +232,7 @@ def test_empty_runs_root_shows_the_form_with_the_clis_defaults(open_train, tmp_p
     assert at.selectbox(key="train_model_choice").options == [EMBEDDED_MODEL, OTHER]
     assert at.selectbox(key="train_dataset_choice").options == ["demo", OTHER]
     assert at.number_input(key="train_beta").help == tf.BY_OPTION["beta"].help
-    assert at.text_input(key="train_output").value == "dpo"
+    assert at.text_input(key="train_output").value == "dpo" and at.text_input(key="train_eval_every").value == "epoch"
     out = runs.resolve() / "dpo"
     assert preview(at) == f"dpolab train --output-dir {out}"
     assert not at.error and not at.button(key="train_start").disabled

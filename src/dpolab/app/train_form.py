@@ -19,7 +19,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dpolab.cli.train import OVERRIDES, train
+from dpolab.cli.train import OVERRIDES, config_overrides, eval_schedule, train
+from dpolab.errors import ConfigError
 from dpolab.config import DataConfig, LoraConfig, TrainConfig
 
 POLICY = ("dpo", "simpo", "cpo", "orpo", "kto")  # the methods with a β
@@ -30,7 +31,7 @@ ALL_METHODS = (*POLICY, "reward")
 class Field:
     """One form field = one `dpolab train` option."""
 
-    option: str  # the CLI parameter name (a key of OVERRIDES)
+    option: str  # the CLI parameter name (a key of OVERRIDES, or eval_every)
     label: str
     widget: str  # select | multiselect | text | int | float | optional_float | onoff
     advanced: bool = False
@@ -38,8 +39,8 @@ class Field:
 
     @property
     def key(self) -> str:
-        """The config key it sets (dotted for nested ones)."""
-        return OVERRIDES[self.option]
+        """The config key it sets (dotted for nested ones; --eval-every sets the save schedule too)."""
+        return OVERRIDES.get(self.option, self.option)
 
     @property
     def flag(self) -> str:
@@ -106,6 +107,7 @@ FIELDS: tuple[Field, ...] = (
     Field("seed", "Seed", "int", advanced=True),
     Field("template", "Template", "select", advanced=True),
     Field("max_length", "Max length (tokens)", "int", advanced=True),
+    Field("eval_every", "Evaluate every", "text", advanced=True),
     Field("ref_model", "Reference model", "text", advanced=True, methods=("dpo", "kto")),
     Field("loss_weights", "Loss weights", "text", advanced=True, methods=("dpo",)),
     Field("label_smoothing", "Label smoothing ε", "float", advanced=True, methods=("dpo", "simpo", "cpo")),
@@ -162,6 +164,13 @@ def changed(values: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{field.label} ({field.flag}): choose at least one loss type")
         if field.option == "lora_r" and not value:
             value = 0
+        if field.option == "eval_every" and value is not None:
+            value = value.lower()
+            try:
+                eval_schedule(value)
+            except ConfigError:
+                raise ValueError(f"{field.label} ({field.flag}): epoch, no, or a number of steps (got {value!r})") \
+                    from None
         default = field.default
         if value is None or value == default:
             continue
@@ -197,18 +206,18 @@ def config_tree(values: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     """The YAML config equivalent to the argv: only the changed keys (nested as the config nests them)."""
     tree: dict[str, Any] = {"output_dir": str(output_dir)}
     for option, value in changed(values).items():
-        key = OVERRIDES[option]
-        if option == "gradient_checkpointing":
+        if option == "gradient_checkpointing":  # typed as YAML has them; the CLI's strings validate the same
             value = value == "on"
         elif option == "loss_type" and len(value) == 1:
             value = value[0]
         elif option == "loss_weights":
             value = [float(v) for v in str(value).split(",") if v.strip()] if _all_numbers(value) else value
-        *parents, leaf = key.split(".")
-        node = tree
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
+        for key, item in config_overrides({option: value}).items():  # the CLI's own mapping
+            *parents, leaf = key.split(".")
+            node = tree
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = item
     return tree
 
 
