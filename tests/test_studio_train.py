@@ -137,6 +137,17 @@ def test_the_cli_refuses_a_bad_eval_every_on_one_line():
     assert result.output.strip() == "error: --eval-every must be epoch, no, or a number of steps (got 'often')"
 
 
+def test_long_curves_are_thinned_for_drawing_with_every_evaluation_kept():
+    history = [{"step": s, "loss": 1 / s} for s in range(1, 5001)] + [{"step": s, "eval_loss": 2 / s}
+                                                                       for s in range(500, 5001, 500)]
+    points = tf.curves(sorted(history, key=lambda h: h["step"]))["loss"]
+    kept = tf.thin(points)
+    train = [p for p in kept if not p["eval"]]
+    assert 1000 < len(train) <= 1501 and train[0]["step"] == 1 and train[-1]["step"] == 5000
+    assert [p["step"] for p in kept if p["eval"]] == list(range(500, 5001, 500))
+    assert tf.thin(points[:100]) == points[:100]
+
+
 def test_resume_argv_drops_overwrite():
     argv = ["train", "--output-dir", "/r/x", "--max-steps", "5", "--overwrite"]
     assert tf.resume_argv(argv) == ["train", "--output-dir", "/r/x", "--max-steps", "5", "--resume"]
@@ -299,7 +310,7 @@ def test_a_finished_run_shows_its_metrics_and_refuses_a_second_start(open_train,
                                                 for h in history if "logps/chosen" in h]
     # The same form again: the folder holds a finished run; the CLI's own check refuses, overwrite is offered.
     assert at.button(key="train_start").disabled
-    assert any("already holds a finished run" in e.value for e in at.error)
+    assert any("already holds a finished run" in w.value for w in at.warning) and not at.error
     at.checkbox(key="train_overwrite").check()
     rerun(at)
     assert not at.button(key="train_start").disabled and preview(at).endswith("--overwrite")

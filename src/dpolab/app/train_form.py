@@ -1,5 +1,6 @@
-"""The Train page's form, without Streamlit: which fields it has, their defaults and help texts, and how its values
-become the `dpolab train` argv, the YAML config and a validated `TrainConfig`.
+"""The Train page's logic, without Streamlit: which fields the form has, their defaults and help texts, how its values
+become the `dpolab train` argv, the YAML config and a validated `TrainConfig`; and the curves drawn from a run's
+progress.
 
 Design: the `dpolab train` command is the one source. Every field is one of its options (`cli.train.OVERRIDES` names
 the config key each sets); the help text is the option's own, the default the config field's, the choices the config's
@@ -264,3 +265,38 @@ def resume_argv(argv: list[str]) -> list[str]:
     """A job's argv to continue it from its last checkpoint: --resume added; --overwrite dropped (it would delete the
     checkpoints being resumed)."""
     return [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
+
+
+# chart key -> title, [(logged key, series name)]. A reward model logs TRL RewardTrainer's names (accuracy, margin).
+CURVES = {
+    "loss": ("Loss", [("loss", "train"), ("eval_loss", "eval")]),
+    "accuracy": ("Reward accuracy", [("rewards/accuracies", "train"), ("eval_rewards/accuracies", "eval"),
+                                     ("accuracy", "train"), ("eval_accuracy", "eval")]),
+    "margins": ("Reward margin", [("rewards/margins", "train"), ("eval_rewards/margins", "eval"),
+                                  ("margin", "train"), ("eval_margin", "eval")]),
+    "logps": ("Log-probs", [("logps/chosen", "chosen"), ("logps/rejected", "rejected"),
+                            ("eval_logps/chosen", "eval chosen"), ("eval_logps/rejected", "eval rejected")]),
+}
+
+
+def curves(history: list[dict]) -> dict[str, list[dict]]:
+    """Chart key -> points {step, series, value, eval} from the progress history (charts without data left out)."""
+    out = {}
+    for chart, (_, series) in CURVES.items():
+        points = [{"step": entry["step"], "series": label, "value": float(entry[key]), "eval": key.startswith("eval_")}
+                  for entry in history for key, label in series
+                  if isinstance(entry.get(key), (int, float)) and "step" in entry]
+        if points:
+            out[chart] = points
+    return out
+
+
+def thin(points: list[dict], most: int = 1500) -> list[dict]:
+    """At most about `most` train points per chart (every k-th; evaluations all kept): a long run's curves stay
+    cheap to redraw every second."""
+    train = [p for p in points if not p["eval"]]
+    if len(train) <= most:
+        return points
+    every = -(-len(train) // most)
+    kept = {id(p) for p in train[::every]} | {id(train[-1])}
+    return [p for p in points if p["eval"] or id(p) in kept]

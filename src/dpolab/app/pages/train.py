@@ -181,6 +181,7 @@ def start_section(root: Path, values: dict, name: str) -> None:
     if problem:
         problems.insert(0, problem)
     overwrite = resume = False
+    refusals: list[str] = []  # what the output folder refuses (a warning: the form itself is fine)
     running = find_job(root, out, active_only=True) if problem is None else None
     if problem is None and running is None:
         folder_problems, offer_overwrite, offer_resume = folder_state(out, values.get("dataset", ""))
@@ -192,7 +193,7 @@ def start_section(root: Path, values: dict, name: str) -> None:
                                          help="Deletes the run folder's contents first (a dpolab run folder only).")
             resume = resume and not overwrite
             folder_problems, _, _ = folder_state(out, values.get("dataset", ""))
-        problems += folder_problems
+        refusals = folder_problems
     try:
         argv = tf.build_argv(values, out, resume=resume, overwrite=overwrite)
     except ValueError:
@@ -210,12 +211,15 @@ def start_section(root: Path, values: dict, name: str) -> None:
     with st.container(key="train_problems"):
         for line in problems:
             st.error(line)
+        for line in refusals:
+            st.warning(line)
     if running is not None:
         st.info(f"A job is already writing this folder (job {running.id}, {running.status}): it is shown in the Job "
                 "panel. Choose another output folder to start a new run.")
 
+    blocked = bool(problems or refusals) or running is not None
     left, right = st.columns([1, 1])
-    start = left.button("Start", key="train_start", type="primary", disabled=bool(problems) or running is not None,
+    start = left.button("Start", key="train_start", type="primary", disabled=blocked,
                         help="Start `dpolab train` with these options as a background job (it keeps running when "
                              "the tab closes).")
     check = right.button("Check (dry run)", key="train_check", disabled=cfg is None,
@@ -231,7 +235,7 @@ def start_section(root: Path, values: dict, name: str) -> None:
     plan = ss.get("train_plan")
     if plan and plan[0] == argv:
         show_plan(plan[1])
-    if start and not problems and argv:
+    if start and not blocked and argv:
         try:
             job = start_job(root, "train", out, argv)
         except (JobError, OSError) as exc:
@@ -263,35 +267,11 @@ def show_plan(result: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ job panel
-# chart key -> title, [(logged key, series name)]. A reward model logs TRL RewardTrainer's names (accuracy, margin).
-CURVES = {
-    "loss": ("Loss", [("loss", "train"), ("eval_loss", "eval")]),
-    "accuracy": ("Reward accuracy", [("rewards/accuracies", "train"), ("eval_rewards/accuracies", "eval"),
-                                     ("accuracy", "train"), ("eval_accuracy", "eval")]),
-    "margins": ("Reward margin", [("rewards/margins", "train"), ("eval_rewards/margins", "eval"),
-                                  ("margin", "train"), ("eval_margin", "eval")]),
-    "logps": ("Log-probs", [("logps/chosen", "chosen"), ("logps/rejected", "rejected"),
-                            ("eval_logps/chosen", "eval chosen"), ("eval_logps/rejected", "eval rejected")]),
-}
-
-
-def curves(history: list[dict]) -> dict[str, list[dict]]:
-    """Chart key -> points {step, series, value, eval} from the progress history (charts without data left out)."""
-    out = {}
-    for chart, (_, series) in CURVES.items():
-        points = [{"step": entry["step"], "series": label, "value": float(entry[key]), "eval": key.startswith("eval_")}
-                  for entry in history for key, label in series
-                  if isinstance(entry.get(key), (int, float)) and "step" in entry]
-        if points:
-            out[chart] = points
-    return out
-
-
 def draw_curves(history: list[dict]) -> None:
     import altair as alt
     import pandas as pd
 
-    data = curves(history)
+    data = {chart: tf.thin(points) for chart, points in tf.curves(history).items()}
     if not data:
         st.caption("Curves appear after the first logged step.")
         return
@@ -305,7 +285,7 @@ def draw_curves(history: list[dict]) -> None:
         if frame["eval"].any():  # evaluations are few: points, so that a single one shows
             layers.append(base.transform_filter(alt.datum.eval).mark_point(filled=True, size=60))
         with cols[i % 2].container(key=f"train_chart_{chart}"):
-            st.markdown(f"**{CURVES[chart][0]}**")
+            st.markdown(f"**{tf.CURVES[chart][0]}**")
             st.altair_chart(alt.layer(*layers).properties(height=220), width="stretch")
 
 
