@@ -186,11 +186,10 @@ def start_section(root: Path, values: dict, name: str) -> None:
     if problem is None and running is None:
         folder_problems, offer_overwrite, offer_resume = folder_state(out, values.get("dataset", ""))
         if offer_overwrite or offer_resume:
-            cols = st.columns(2)
             if offer_resume:
-                resume = cols[0].checkbox("Resume from its last checkpoint (--resume)", key="train_resume_form")
-            overwrite = cols[1].checkbox("Overwrite the run in this folder (--overwrite)", key="train_overwrite",
-                                         help="Deletes the run folder's contents first (a dpolab run folder only).")
+                resume = st.checkbox("Resume from its last checkpoint (--resume)", key="train_resume_form")
+            overwrite = st.checkbox("Overwrite the run in this folder (--overwrite)", key="train_overwrite",
+                                    help="Deletes the run folder's contents first (a dpolab run folder only).")
             resume = resume and not overwrite
             folder_problems, _, _ = folder_state(out, values.get("dataset", ""))
         refusals = folder_problems
@@ -279,7 +278,7 @@ def draw_curves(history: list[dict]) -> None:
     for i, (chart, points) in enumerate(data.items()):
         frame = pd.DataFrame(points)
         base = alt.Chart(frame).encode(x=alt.X("step:Q", title="step"), y=alt.Y("value:Q", title=None),
-                                       color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom")),
+                                       color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=2)),
                                        tooltip=["step", "series", "value"])
         layers = [base.mark_line()]
         if frame["eval"].any():  # evaluations are few: points, so that a single one shows
@@ -301,31 +300,32 @@ STATUS_COLOR = {"starting": "blue", "running": "blue", "stopping": "orange", "fi
 
 
 def show_metrics(run: RunFolder) -> None:
+    """The run's final metrics (metrics.json, as `dpolab train` prints them), then where to go next."""
     metrics = run.read_metrics() or {}
     best = metrics.get("best") or {}
+    shown = []  # (label, value), three to a row: the job panel is half the page
+    if best:
+        acc = best.get("rewards/accuracies", best.get("accuracy"))  # a reward model logs accuracy, margin
+        margin = best.get("rewards/margins", best.get("margin"))
+        shown += [("Eval loss (best)", f"{best['loss']:.4f}"), ("Reward accuracy", "–" if acc is None else f"{acc:.3f}"),
+                  ("Reward margin", "–" if margin is None else f"{margin:.4f}")]
+    if "train_loss" in metrics:
+        shown.append(("Train loss", f"{metrics['train_loss']:.4f}"))
+    if "global_step" in metrics:
+        shown.append(("Steps", metrics["global_step"]))
+    if "total_time_s" in metrics:
+        shown.append(("Time", fmt_duration(metrics["total_time_s"])))
+    if "pairs_per_second" in metrics:
+        shown.append(("Pairs/s", f"{metrics['pairs_per_second']:.2f}"))
+    if "best_epoch" in metrics and best:
+        shown.append(("Best epoch", f"{metrics['best_epoch']:.2f}"))
     with st.container(key="train_metrics"):
-        cols = st.columns(4)
-        if best:
-            cols[0].metric("Eval loss (best)", f"{best['loss']:.4f}")
-            acc = best.get("rewards/accuracies", best.get("accuracy"))
-            margin = best.get("rewards/margins", best.get("margin"))
-            cols[1].metric("Reward accuracy", "–" if acc is None else f"{acc:.3f}")
-            cols[2].metric("Reward margin", "–" if margin is None else f"{margin:.4f}")
-        if "train_loss" in metrics:
-            cols[3].metric("Train loss", f"{metrics['train_loss']:.4f}")
-        cols = st.columns(4)
-        if "global_step" in metrics:
-            cols[0].metric("Steps", metrics["global_step"])
-        if "total_time_s" in metrics:
-            cols[1].metric("Time", fmt_duration(metrics["total_time_s"]))
-        if "pairs_per_second" in metrics:
-            cols[2].metric("Pairs/s", f"{metrics['pairs_per_second']:.2f}")
-        if "best_epoch" in metrics and best:
-            cols[3].metric("Best epoch", f"{metrics['best_epoch']:.2f}")
+        for row in range(0, len(shown), 3):
+            for column, (label, value) in zip(st.columns(3), shown[row:row + 3]):
+                column.metric(label, value)
     st.caption(f"Model: `{run.model_dir}`")
-    left, right = st.columns(2)
-    left.page_link("pages/runs.py", label="Compare it on the Runs page", icon=":material/table_rows:")
-    right.page_link("pages/chat.py", label="Chat with it (pick it as the model)", icon=":material/forum:")
+    st.page_link("pages/runs.py", label="Compare it on the Runs page", icon=":material/table_rows:")
+    st.page_link("pages/chat.py", label="Chat with it (pick it as the model)", icon=":material/forum:")
 
 
 def job_controls(root: Path, job: Job, run: RunFolder) -> None:
