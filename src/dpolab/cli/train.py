@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -48,6 +48,9 @@ def train(
     max_length: Optional[int] = typer.Option(None, help="Max tokens of prompt+response when preparing (default: 512)."),
     seed: Optional[int] = typer.Option(None, help="Training seed (default: 42)."),
     lora_r: Optional[int] = typer.Option(None, help="Train a LoRA adapter of this rank instead of all weights."),
+    eval_every: Optional[str] = typer.Option(None, help="epoch | no | N: evaluate on the held-out pairs (and save a "
+                                             "checkpoint, keeping the best by eval loss) every epoch, never, or every "
+                                             "N steps (default: epoch)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in the output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config and plan; load no weights."),
@@ -62,8 +65,7 @@ def train(
     from dpolab.config import TrainConfig, load_config
     from dpolab.engine.train import dry_run as plan_run, run_training
 
-    options = {k: v for k, v in locals().items() if k in OVERRIDES}
-    cfg = load_config(TrainConfig, config, {OVERRIDES[k]: str(v) if isinstance(v, Path) else v for k, v in options.items()})
+    cfg = load_config(TrainConfig, config, config_overrides(locals()))
     if dry_run:
         import yaml
 
@@ -90,6 +92,30 @@ OVERRIDES = {name: name for name in (
     "learning_rate", "batch_size", "grad_accum", "epochs", "max_steps", "layout", "attention", "precision",
     "seed", "gradient_checkpointing")} | {"dataset": "data.dataset", "template": "data.template",
                                                              "max_length": "data.max_length", "lora_r": "lora.r"}
+
+
+def eval_schedule(value: str | None) -> dict[str, Any]:
+    """--eval-every as config keys. Saves follow the evaluations: model/ is the best checkpoint by eval loss, so a
+    checkpoint must exist at every evaluation (TrainConfig refuses other schedules)."""
+    if value is None:
+        return {}
+    word = str(value).strip().lower()
+    if word == "no":
+        return {"eval_every": "no"}
+    if word == "epoch":
+        return {"eval_every": "epoch", "save_every": "epoch"}
+    if word.isdigit() and int(word) > 0:
+        return {"eval_every": "steps", "eval_steps": int(word), "save_every": "steps", "save_steps": int(word)}
+    from dpolab.errors import ConfigError
+
+    raise ConfigError(f"--eval-every must be epoch, no, or a number of steps (got {value!r})")
+
+
+def config_overrides(options: dict[str, Any]) -> dict[str, Any]:
+    """`dpolab train`'s options (by parameter name; None = not given) as dotted config overrides. The studio's Train
+    page builds its config through this too, so the form and the command cannot disagree."""
+    overrides = {OVERRIDES[k]: str(v) if isinstance(v, Path) else v for k, v in options.items() if k in OVERRIDES}
+    return {**overrides, **eval_schedule(options.get("eval_every"))}
 
 
 def _relaunch_with_torchrun(num_processes: int) -> int:
