@@ -34,7 +34,7 @@ def test_every_page_file_exists_and_opens(studio, tmp_path):
         if file == "chat.py":
             continue  # the chat loads the embedded model when nothing is given; covered below with a tiny one
         assert (PAGES_DIR / file).is_file()
-        at.switch_page(f"pages/{file}").run()
+        at.switch_page(f"views/{file}").run()
         assert not at.exception, (file, at.exception)
         assert at.title and title in at.title[0].value, file
 

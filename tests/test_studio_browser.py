@@ -10,6 +10,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.jobs import list_jobs, log_tail, start_job, wait_job
 
 from tests.test_app_browser import IDLE, browser, require_browser, serve  # noqa: F401 (fixtures)
 
@@ -76,3 +80,172 @@ def test_the_studio_asks_nothing_of_any_host_but_this_one(browser, studio):  # n
     outside = sorted({u for u in urls if urlparse(u).scheme in ("http", "https", "ws", "wss")
                       and urlparse(u).hostname != "127.0.0.1"})
     assert not outside, outside
+
+
+# ------------------------------------------------------------------------------------------------ the whole job
+CANARY = "hf_canaryTOKEN0123456789abcdefXYZ"
+
+
+def fill(page, key: str, value, enter: bool = True) -> None:
+    box = page.locator(f".st-key-{key} input")
+    box.fill(str(value))
+    if enter:
+        box.press("Enter")
+    page.locator(IDLE).wait_for()
+
+
+def choose(page, key: str, option: str) -> None:
+    page.locator(f".st-key-{key}").get_by_role("combobox").click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.locator(IDLE).wait_for()
+
+
+def click(page, key: str, name: str) -> None:
+    page.locator(f".st-key-{key}").get_by_role("button", name=name, exact=True).click()
+
+
+def wait_text(page, text: str, timeout: float = 600) -> None:
+    page.get_by_text(text).first.wait_for(timeout=timeout * 1000)
+
+
+def progress_text(page) -> str:
+    bar = page.locator('.st-key-train_progress [data-testid="stProgress"]')
+    return bar.first.inner_text() if bar.count() else ""
+
+
+def start_training(page, name: str, data: Path, steps: int, batch: int) -> None:
+    go(page, "Train")
+    choose(page, "train_dataset_choice", str(data.resolve()))
+    fill(page, "train_output", name)
+    fill(page, "train_max_steps", steps)
+    fill(page, "train_batch_size", batch)
+    click(page, "train_start", "Start")
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def test_the_whole_job_in_the_browser(browser, studio, runs, tmp_path_factory):  # noqa: F811
+    """Prepare → train (watched) → stop/resume (= uninterrupted) → runs overlay → sweep → chat with the best trial →
+    publish dry run with a canary token; a second tab, a closed tab, and navigation while training."""
+    page = open_studio(browser, studio)
+
+    # Data: the demo set, prepared by a job started from the page.
+    go(page, "Data")
+    fill(page, "prepare_name", "data-demo")
+    click(page, "prepare_start", "Prepare")
+    wait_text(page, "Prepared `", 180)
+    data = runs / "data-demo"
+    assert (data / "prepared.json").is_file()
+    shot(page, "data")
+
+    # Train: a 2-step run; the progress bar and the loss curve change while it runs.
+    start_training(page, "demo-2steps", data, steps=2, batch=8)
+    seen, deadline = set(), time.monotonic() + 600
+    while not page.get_by_text("Finished in").count():
+        seen.add(progress_text(page))
+        if page.locator(".st-key-train_chart_loss canvas, .st-key-train_chart_loss svg").count():
+            seen.add("chart")
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.2)
+    assert any(t.startswith("Step 1 of 2") for t in seen) and "chart" in seen, seen
+    assert (runs / "demo-2steps" / "metrics.json").is_file()
+    shot(page, "train")
+
+    # A longer run: a second tab sees it and cannot start it twice, the pages answer within 2 s while it trains,
+    # the first tab closes without stopping it; Stop from the second tab, Resume: the weights of an uninterrupted run.
+    start_training(page, "stop-me", data, steps=6, batch=2)
+    run = runs / "stop-me"
+    wait_until_step(run, 1)
+    other = open_studio(browser, studio)
+    go(other, "Train")
+    fill(other, "train_output", "stop-me")
+    assert other.locator(".st-key-train_start").get_by_role("button", name="Start").is_disabled()
+    assert other.get_by_text("A job is already writing this folder").count()
+    times = [go(other, title) for title in ("Runs", "Data", "Sweep", "Train")]
+    assert max(times) < NAV_LIMIT_S, times
+    page.context.close()  # closing the browser mid-training
+    click(other, "train_stop", "Stop")
+    wait_text(other, "Stopped at step", 300)
+    stopped_at = json_steps(run)
+    assert 1 <= stopped_at < 6 and not (run / "metrics.json").exists()
+    click(other, "train_resume", "Resume")
+    wait_text(other, "Finished in", 600)
+    train_jobs = [j for j in list_jobs(runs) if j.target == run.resolve()]
+    assert [j.status for j in train_jobs] == ["finished", "stopped"], [j.status for j in train_jobs]
+    argv = list(train_jobs[-1].argv)
+    argv[argv.index("--output-dir") + 1] = str(runs / "uninterrupted")
+    full = start_job(runs, "train", runs / "uninterrupted", argv)
+    assert wait_job(full, 600).status == "finished", log_tail(full)
+    expected, got = weights(runs / "uninterrupted"), weights(run)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
+
+    # Runs: both finished with their metrics; two runs' curves overlaid.
+    go(other, "Runs")
+    for name in ("demo-2steps", "stop-me"):
+        other.locator(".st-key-runs_overlay").get_by_role("combobox").click()
+        other.get_by_role("option", name=name, exact=True).click()
+        other.locator(IDLE).wait_for()
+    other.keyboard.press("Escape")
+    charts = other.locator('[data-testid="stVegaLiteChart"]')
+    assert charts.count() >= 4
+    choose(other, "runs_detail", "demo-2steps")
+    assert other.get_by_text("finished").count()
+    shot(other, "runs")
+
+    # Sweep: two trials, best/ marked; chat with the best trial.
+    go(other, "Sweep")
+    fill(other, "sweep_name", "sweep-demo")
+    fill(other, "sweep_max_steps", 2)
+    fill(other, "sweep_n_trials", 2)
+    click(other, "sweep_launch", "Launch")
+    wait_text(other, "★ best/", 900)
+    assert (runs / "sweep-demo" / "best").is_dir()
+    shot(other, "sweep")
+    click(other, "sweep_chat_best", "Chat with the best trial")
+    other.locator('[data-testid="stChatInputTextArea"]').wait_for()
+    other.get_by_label("Max new tokens").fill("16")
+    other.get_by_label("Max new tokens").press("Enter")
+    other.locator('[data-testid="stChatInputTextArea"]').fill("How do I make good tea?")
+    other.locator('[data-testid="stChatInputTextArea"]').press("Enter")
+    other.get_by_text("tokens/s").first.wait_for(timeout=120_000)  # the timing caption of a finished answer
+    assert "sweep-demo" in other.locator(".st-key-model_choice").inner_text()
+    shot(other, "chat")
+
+    # Publish: export, then a dry-run push with a canary token: it is nowhere afterwards.
+    go(other, "Publish")
+    choose_model = other.locator(".st-key-publish_model").get_by_role("combobox")
+    choose_model.click()
+    other.get_by_role("option", name="demo-2steps (run)").click()
+    other.locator(IDLE).wait_for()
+    click(other, "export_start", "Export")
+    other.locator(".st-key-export_card").wait_for(timeout=300_000)
+    fill(other, "push_repo", "someone/demo-2steps")
+    fill(other, "push_token", CANARY, enter=False)
+    click(other, "push_dry_run", "Preview (dry run)")
+    wait_text(other, "Dry run:", 300)
+    shot(other, "publish")
+    html = other.content()
+    other.context.close()
+    assert CANARY not in html
+    logs = list(Path(tmp_path_factory.getbasetemp()).glob("app*/server.log"))
+    assert logs
+    for path in [*logs, *(p for p in runs.rglob("*") if p.is_file())]:
+        assert CANARY.encode() not in path.read_bytes(), path
+
+
+def wait_until_step(run: Path, step: int, timeout: float = 300) -> None:
+    from dpolab.folders.run import RunFolder
+
+    deadline = time.monotonic() + timeout
+    while not ((p := RunFolder(run).read_progress()) and p.step >= step):
+        assert time.monotonic() < deadline, f"{run} never reached step {step}"
+        time.sleep(0.2)
+
+
+def json_steps(run: Path) -> int:
+    from dpolab.folders.run import RunFolder
+
+    return RunFolder(run).read_progress().step

@@ -41,7 +41,7 @@ def pairs(tmp_path) -> Path:
 
 
 def open_studio(monkeypatch, root: Path, page: str) -> AppTest:
-    """The studio's `page` (e.g. "pages/data.py") with runs root `root`, as `dpolab app --runs-dir ROOT` serves it."""
+    """The studio's `page` (e.g. "views/data.py") with runs root `root`, as `dpolab app --runs-dir ROOT` serves it."""
     monkeypatch.setattr(sys, "argv", [str(STUDIO), "--runs-dir", str(root)])
     at = AppTest.from_file(str(STUDIO), default_timeout=120)
     at.switch_page(page)
@@ -53,7 +53,7 @@ def open_studio(monkeypatch, root: Path, page: str) -> AppTest:
 @pytest.fixture
 def open_data(monkeypatch, tmp_path):
     """The Data page of a studio whose runs root is tmp_path/runs."""
-    return lambda: open_studio(monkeypatch, tmp_path / "runs", "pages/data.py")
+    return lambda: open_studio(monkeypatch, tmp_path / "runs", "views/data.py")
 
 
 def use(at: AppTest, tokenizer_dir: Path, path: Path | None = None, template: str = "qa") -> AppTest:

@@ -40,7 +40,7 @@ def runs(tmp_path_factory, tiny_llama, tokenizer) -> Path:
 
 
 def open_page(monkeypatch, root: Path) -> AppTest:
-    return open_studio(monkeypatch, root, "pages/publish.py")
+    return open_studio(monkeypatch, root, "views/publish.py")
 
 
 def rendered(at: AppTest) -> bytes:

@@ -63,11 +63,11 @@ def finished(tmp_path_factory, tiny_llama, pairs) -> Path:
 
 
 def open_studio(monkeypatch, root: Path, page: str) -> AppTest:
-    """The studio on `root` (as `dpolab app --runs-dir ROOT` starts it), switched to pages/`page`."""
+    """The studio on `root` (as `dpolab app --runs-dir ROOT` starts it), switched to views/`page`."""
     monkeypatch.setattr(sys, "argv", [str(STUDIO), "--runs-dir", str(root)])
     at = AppTest.from_file(str(STUDIO), default_timeout=120)
     at.run()
-    at.switch_page(f"pages/{page}").run()
+    at.switch_page(f"views/{page}").run()
     assert not at.exception, at.exception
     return at
 

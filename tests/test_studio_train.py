@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -170,7 +171,7 @@ def open_train(monkeypatch):
         monkeypatch.setattr(sys, "argv", [str(STUDIO), "--runs-dir", str(runs)])
         at = AppTest.from_file(str(STUDIO), default_timeout=60)
         at.run()
-        at.switch_page("pages/train.py").run()
+        at.switch_page("views/train.py").run()
         assert not at.exception, at.exception
         return at
 
@@ -298,7 +299,10 @@ def test_a_finished_run_shows_its_metrics_and_refuses_a_second_start(open_train,
     assert progress_texts(at)[0].startswith("Step 2 of 2")
     assert any(s.value.startswith("Finished in") for s in at.success)
     links = {link.proto.label: link.proto.page for link in at.get("page_link")}
-    assert links == {"Compare it on the Runs page": "runs", "Chat with it (pick it as the model)": "chat"}, links
+    # Runs is the studio's default page without a model: its address is the root ("").
+    assert links == {"Compare it on the Runs page": "", "Publish it": "publish"}, links
+    assert [link.proto.query_string for link in at.get("page_link")][1] == f"model={quote(str(out), safe='')}"
+    assert at.button(key="train_chat").label == "Chat with it"
     # The curves are the run's own progress: train loss per step, the eval point, the log-probs.
     history = RunFolder(out).read_progress().history
     drawn = charts(at)
@@ -375,3 +379,21 @@ def test_a_failed_job_shows_its_error_line(open_train, tmp_path, tiny_llama):
     assert "\n" not in failure.value
     assert not [b for b in at.button if b.key in ("train_stop", "train_resume")]
     assert at.selectbox(key="train_job_pick").format_func(job.id).startswith("bad · failed")
+
+
+def test_the_data_pages_link_preselects_its_prepared_folder(monkeypatch, tmp_path, tiny_llama, pairs, tokenizer):
+    """"Train on this data" on the Data page opens Train with ?data=FOLDER: that folder is the chosen dataset."""
+    from dpolab.config import DataConfig
+    from dpolab.data.prepare import prepare_data
+
+    runs = tmp_path / "runs"
+    for name in ("older", "mine"):
+        prepare_data(DataConfig(dataset=str(pairs), tokenizer=str(tiny_llama)), runs / name, tokenizer=tokenizer)
+    monkeypatch.setattr(sys, "argv", [str(STUDIO), "--runs-dir", str(runs)])
+    at = AppTest.from_file(str(STUDIO), default_timeout=60)
+    at.query_params["data"] = str((runs / "older").resolve())
+    at.run()
+    at.switch_page("views/train.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="train_dataset_choice").value == str((runs / "older").resolve())
+    assert f"--dataset {(runs / 'older').resolve()}" in preview(at)

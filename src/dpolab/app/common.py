@@ -14,7 +14,8 @@ from dpolab.serving import DEFAULT_MAX_BATCH
 APP_DIR = Path(__file__).resolve().parent
 STUDIO = APP_DIR / "studio.py"
 CHAT_PAGE = APP_DIR / "page.py"
-PAGES_DIR = APP_DIR / "pages"
+PAGES_DIR = APP_DIR / "views"  # not "pages/": Streamlit would auto-discover that folder on a deep link (/train) and show
+# its own file-name sidebar instead of the studio's navigation
 ICON = APP_DIR.parent / "resources" / "chat-icon.png"
 # Emoji, not `:material/…:` icons: the current page's icon becomes the favicon, and a material one is fetched from
 # fonts.gstatic.com (the studio must not ask anything of another host; tests/test_studio_browser.py checks).

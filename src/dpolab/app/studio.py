@@ -1,5 +1,5 @@
 """dpolab studio: the whole workflow in the browser (`dpolab app` serves it). Streamlit multipage navigation over
-pages/; each page is UI over the library, and everything long runs as a background job (`dpolab.jobs`), so it outlives
+views/; each page is UI over the library, and everything long runs as a background job (`dpolab.jobs`), so it outlives
 the tab and every tab sees it. Options arrive after `--` as for the chat page (see common.parse_args)."""
 
 from __future__ import annotations

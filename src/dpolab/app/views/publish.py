@@ -291,7 +291,7 @@ def main() -> None:
     out = None
     if not models:
         st.info(f"No trained model under `{root}` yet: train one on the Train page (or run a sweep), then export it here.")
-        st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+        st.page_link("views/train.py", label="Go to Train", icon=":material/model_training:")
     else:
         wanted = st.query_params.get("model")
         if wanted and str(Path(wanted).expanduser().resolve()) in models and "publish_model" not in st.session_state:

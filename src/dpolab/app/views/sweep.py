@@ -227,8 +227,9 @@ def best_panel(entry, folder: SweepFolder, best: dict) -> None:
             if left.button("Chat with the best trial", key="sweep_chat_best", icon=":material/forum:"):
                 # The chat page's model list names runs as <runs-dir as given>/<name>.
                 st.session_state["model_choice"] = str(Path(studio_args().runs_dir) / entry.name)
-                st.switch_page("pages/chat.py")
-            right.page_link("pages/publish.py", label="Publish it", icon=":material/publish:")
+                st.switch_page("views/chat.py")
+            right.page_link("views/publish.py", label="Publish it", icon=":material/publish:",
+                            query_params={"model": str(entry.path)})
 
 
 def watch(root: Path, entry) -> None:

@@ -287,7 +287,7 @@ def show_report(report: dict[str, Any], folder: PreparedFolder) -> None:
         st.dataframe(pd.DataFrame({"reason": list(report["dropped"]), "rows": list(report["dropped"].values())}),
                      hide_index=True, key="prepare_drop_counts")
     _tokens_table(report, "prepare_token_stats")
-    st.page_link("pages/train.py", label="Train on this data", icon=":material/model_training:", query_params={"data": str(folder.path)})
+    st.page_link("views/train.py", label="Train on this data", icon=":material/model_training:", query_params={"data": str(folder.path)})
 
 
 def job_panel(root: Path, out: Path, was_active: bool) -> None:

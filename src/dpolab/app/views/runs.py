@@ -75,8 +75,8 @@ def empty_state(root: Path) -> None:
         st.info(f"No runs or sweeps under `{root}` yet. Train a model on the Train page (or start a sweep); it will "
                 "be listed here with its status and metrics.", icon=":material/info:")
         left, right, _ = st.columns([1, 1, 3])
-        left.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
-        right.page_link("pages/sweep.py", label="Go to Sweep", icon=":material/tune:")
+        left.page_link("views/train.py", label="Go to Train", icon=":material/model_training:")
+        right.page_link("views/sweep.py", label="Go to Sweep", icon=":material/tune:")
 
 
 def overlay(entries: list[Entry]) -> None:

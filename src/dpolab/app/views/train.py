@@ -15,7 +15,7 @@ import streamlit as st
 
 from dpolab import EMBEDDED_MODEL
 from dpolab.app import train_form as tf
-from dpolab.app.common import fmt_duration, fmt_time, runs_root
+from dpolab.app.common import fmt_duration, fmt_time, runs_root, studio_args
 from dpolab.errors import DpolabError
 from dpolab.folders import owner
 from dpolab.folders.run import RunFolder
@@ -107,6 +107,9 @@ def model_field(root: Path) -> str:
 def dataset_field(root: Path) -> str:
     field = tf.BY_OPTION["dataset"]
     choices = ["demo", *prepared_folders(root), OTHER]
+    wanted = st.query_params.get("data")  # the Data page's "Train on this data" link
+    if wanted in choices and "train_dataset_choice" not in ss:
+        ss["train_dataset_choice"] = wanted
     choice = st.selectbox("Dataset", choices, key="train_dataset_choice",
                           help=f"{field.help} 'demo' is the built-in demo set; prepared folders under the runs root "
                                "are listed.")
@@ -174,6 +177,29 @@ def folder_state(out: Path, dataset: str) -> tuple[list[str], bool, bool]:
     return problems, offer_overwrite, offer_resume
 
 
+def show_preview(out: Path, problem: str | None, argv, values: dict, problems: list[str], refusals: list[str],
+                 running: Job | None) -> None:
+    """The equivalent command and YAML, the form's problems, and a job already writing the folder."""
+    st.caption(f"Run folder: `{out}`" if problem is None else "Run folder: –")
+    with st.container(key="train_preview"):
+        st.markdown("**Equivalent command**")
+        st.code(tf.command(argv) if argv else "–", language="bash", wrap_lines=True)
+        with st.expander("YAML config (`dpolab train --config FILE`)"):
+            try:
+                st.code(tf.to_yaml(values, out), language="yaml")
+            except ValueError as exc:
+                st.code(f"# {exc}", language="yaml")
+    with st.container(key="train_problems"):
+        for line in problems:
+            st.error(line)
+        for line in refusals:
+            st.warning(line)
+    if running is not None:
+        st.info(f"A job is already writing this folder (job {running.id}, {running.status}): it is shown in the Job "
+                "panel. Choose another output folder to start a new run.")
+
+
+
 def start_section(root: Path, values: dict, name: str) -> None:
     problem = output_problem(name)
     out = root / name if problem is None else root / "_"
@@ -198,24 +224,7 @@ def start_section(root: Path, values: dict, name: str) -> None:
     except ValueError:
         argv = None
 
-    st.caption(f"Run folder: `{out}`" if problem is None else "Run folder: –")
-    with st.container(key="train_preview"):
-        st.markdown("**Equivalent command**")
-        st.code(tf.command(argv) if argv else "–", language="bash", wrap_lines=True)
-        with st.expander("YAML config (`dpolab train --config FILE`)"):
-            try:
-                st.code(tf.to_yaml(values, out), language="yaml")
-            except ValueError as exc:
-                st.code(f"# {exc}", language="yaml")
-    with st.container(key="train_problems"):
-        for line in problems:
-            st.error(line)
-        for line in refusals:
-            st.warning(line)
-    if running is not None:
-        st.info(f"A job is already writing this folder (job {running.id}, {running.status}): it is shown in the Job "
-                "panel. Choose another output folder to start a new run.")
-
+    show_preview(out, problem, argv, values, problems, refusals, running)
     blocked = bool(problems or refusals) or running is not None
     left, right = st.columns([1, 1])
     start = left.button("Start", key="train_start", type="primary", disabled=blocked,
@@ -324,8 +333,13 @@ def show_metrics(run: RunFolder) -> None:
             for column, (label, value) in zip(st.columns(3), shown[row:row + 3]):
                 column.metric(label, value)
     st.caption(f"Model: `{run.model_dir}`")
-    st.page_link("pages/runs.py", label="Compare it on the Runs page", icon=":material/table_rows:")
-    st.page_link("pages/chat.py", label="Chat with it (pick it as the model)", icon=":material/forum:")
+    st.page_link("views/runs.py", label="Compare it on the Runs page", icon=":material/table_rows:")
+    st.page_link("views/publish.py", label="Publish it", icon=":material/publish:",
+                 query_params={"model": str(run.path)})
+    if st.button("Chat with it", key="train_chat", icon=":material/forum:"):
+        # The chat page's model list names runs as <runs-dir as given>/<name>.
+        st.session_state["model_choice"] = str(Path(studio_args().runs_dir) / run.path.name)
+        st.switch_page("views/chat.py")
 
 
 def job_controls(root: Path, job: Job, run: RunFolder) -> None:
