@@ -80,6 +80,7 @@ def test_train_job_stops_cleanly_refuses_a_duplicate_and_resumes_to_the_same_wei
 
     resumed = start_job(runs, "train", out, [*argv, "--resume"])
     assert wait_job(resumed, timeout=300).status == "finished", log_tail(resumed)
+    assert read_job(job.folder).status == "stopped"  # what it was when it ended, though the run has finished since
     expected, got = load_file(runs / "full" / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)

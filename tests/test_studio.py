@@ -27,10 +27,10 @@ def studio(monkeypatch):
 
 
 def test_every_page_file_exists_and_opens(studio, tmp_path):
-    assert [title for _, title, _ in PAGES] == ["Data", "Train", "Runs", "Sweep", "Chat", "Publish"]
+    assert [title for _, title in PAGES] == ["Data", "Train", "Runs", "Sweep", "Chat", "Publish"]
     at = studio("--runs-dir", tmp_path / "runs")
     assert at.title[0].value.startswith("Runs")  # without a model the studio opens on the overview
-    for file, title, _ in PAGES:
+    for file, title in PAGES:
         if file == "chat.py":
             continue  # the chat loads the embedded model when nothing is given; covered below with a tiny one
         assert (PAGES_DIR / file).is_file()

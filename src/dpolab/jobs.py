@@ -111,6 +111,16 @@ def _train_stopped(target: Path) -> bool:
     return RunFolder.is_run(target) and not run.is_finished() and run.has_checkpoints()
 
 
+def _stopped(record: dict[str, Any], folder: Path, code: int | None) -> bool:
+    """Did the job end because a stop was asked for? (Decided when it ends: a training run resumed later is finished
+    then, and this job still stopped.) A training run that ended its last step as the request came is finished."""
+    if not (folder / "stop").is_file():
+        return False
+    if record["kind"] == "train" and code == 0:
+        return _train_stopped(Path(record["target"]))
+    return True
+
+
 def read_job(folder: Path) -> Job | None:
     record = _read_json(folder / "job.json")
     if record is None:
@@ -120,11 +130,8 @@ def read_job(folder: Path) -> Job | None:
     pid = record.get("pid")
     if ended is not None:
         code = ended.get("exit_code")
-        if stop_asked and (code == 0 and record["kind"] == "train" and _train_stopped(Path(record["target"]))
-                           or code != 0):
-            status = "stopped"
-        else:
-            status = "finished" if code == 0 else "failed"
+        stopped = ended["stopped"] if "stopped" in ended else _stopped(record, folder, code)
+        status = "stopped" if stopped else "finished" if code == 0 else "failed"
     elif pid is None:
         status = "starting" if time.time() - record["started"] < 30 else "failed"
     elif _alive(pid):
@@ -301,7 +308,8 @@ def supervise(folder: Path) -> int:
         signal.signal(signal.SIGINT, forward)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         code = child.wait()
-    atomic_write_text(folder / "exit.json", json.dumps({"exit_code": code, "ended": time.time()}))
+    atomic_write_text(folder / "exit.json", json.dumps({"exit_code": code, "ended": time.time(),
+                                                        "stopped": _stopped(record, folder, code)}))
     return code
 
 

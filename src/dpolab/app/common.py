@@ -17,15 +17,16 @@ CHAT_PAGE = APP_DIR / "page.py"
 PAGES_DIR = APP_DIR / "views"  # not "pages/": Streamlit would auto-discover that folder on a deep link (/train) and show
 # its own file-name sidebar instead of the studio's navigation
 ICON = APP_DIR.parent / "resources" / "chat-icon.png"
-# Emoji, not `:material/…:` icons: the current page's icon becomes the favicon, and a material one is fetched from
-# fonts.gstatic.com (the studio must not ask anything of another host; tests/test_studio_browser.py checks).
-PAGES = (  # file, title, icon
-    ("data.py", "Data", "🗂️"),
-    ("train.py", "Train", "🏋️"),
-    ("runs.py", "Runs", "📊"),
-    ("sweep.py", "Sweep", "🎛️"),
-    ("chat.py", "Chat", "💬"),
-    ("publish.py", "Publish", "📦"),
+# No page icons: the current page's icon becomes the favicon, and a `:material/…:` one is fetched from fonts.gstatic.com
+# (the studio must not ask anything of another host; tests/test_studio_browser.py checks); emoji need a font that
+# headless browsers and many desktops lack.
+PAGES = (  # file, title
+    ("data.py", "Data"),
+    ("train.py", "Train"),
+    ("runs.py", "Runs"),
+    ("sweep.py", "Sweep"),
+    ("chat.py", "Chat"),
+    ("publish.py", "Publish"),
 )
 
 

@@ -12,8 +12,7 @@ from dpolab.app.common import ICON, PAGES, PAGES_DIR, studio_args
 def main() -> None:
     args = studio_args()
     default = "chat.py" if args.model or args.compare else "runs.py"  # `dpolab app MODEL` opens on its chat
-    pages = [st.Page(str(PAGES_DIR / file), title=title, icon=icon, default=file == default)
-             for file, title, icon in PAGES]
+    pages = [st.Page(str(PAGES_DIR / file), title=title, default=file == default) for file, title in PAGES]
     current = st.navigation(pages, position="sidebar")
     # A local file as the icon: a `:material/…:` one would make the browser fetch the favicon from a font host.
     st.set_page_config(page_title=f"{current.title} · dpolab studio", page_icon=str(ICON), layout="wide")
