@@ -101,6 +101,14 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def arithmetic_pairs(tmp_path_factory) -> Path:
+    """24 small explicit preference pairs in a JSONL file: real training jobs on the tiny models in seconds."""
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
+             "rejected": f"Maybe {i * 3 + 1}."} for i in range(24)]
+    return write_jsonl(tmp_path_factory.mktemp("arithmetic") / "pairs.jsonl", rows)
+
+
 @pytest.fixture
 def hh_path() -> Path:
     if not HH_DATA.is_file():

@@ -13,14 +13,11 @@ from safetensors.torch import load_file
 
 from dpolab.folders.run import RunFolder
 from dpolab.jobs import JobError, find_job, list_jobs, log_progress, log_tail, read_job, start_job, stop_job, wait_job
-from tests.conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
-             "rejected": f"Maybe {i * 3 + 1}."} for i in range(24)]
-    return write_jsonl(tmp_path_factory.mktemp("src") / "pairs.jsonl", rows)
+def pairs(arithmetic_pairs) -> Path:
+    return arithmetic_pairs
 
 
 def train_argv(model: Path, data: Path, out: Path, steps: int) -> list[str]:
@@ -105,7 +102,7 @@ def test_a_job_whose_supervisor_died_reads_as_failed(tmp_path, tiny_llama, pairs
     job = start_job(runs, "train", out, train_argv(tiny_llama, pairs, out, 100000))
     wait_until(lambda: (p := RunFolder(out).read_progress()) and p.step >= 1, what="the first step")
     os.killpg(job.pid, signal.SIGKILL)
-    assert wait_until(lambda: read_job(job.folder).status == "failed", timeout=30, what="failed")
+    assert wait_until(lambda: read_job(job.folder).status == "failed", timeout=40, what="failed")
     # and the target is free again
     again = start_job(runs, "train", out, [*train_argv(tiny_llama, pairs, out, 2), "--overwrite"])
     assert wait_job(again, timeout=120).status == "finished", log_tail(again)

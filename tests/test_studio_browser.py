@@ -47,13 +47,22 @@ def open_studio(browser, url: str):  # noqa: F811
     return page
 
 
+# What shows that a page is there and usable (its main control), once its heading is shown.
+READY = {"Data": ".st-key-prepare_start", "Train": ".st-key-train_start", "Sweep": ".st-key-sweep_launch",
+         "Runs": '[data-testid="stDataFrame"], .st-key-runs_empty', "Publish": "h1"}
+
+
 def go(page, title: str) -> float:
-    """Click `title` in the sidebar navigation; seconds until the page's heading is shown and its script is done."""
+    """Click `title` in the sidebar navigation; seconds until the page's heading and its main control are shown.
+
+    Not until its script is idle: while a job runs, the job panel reruns on its own every second or two."""
     started = time.monotonic()
     page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title).click()
     page.locator("h1", has_text=title).first.wait_for()
+    page.locator(READY[title]).first.wait_for()
+    elapsed = time.monotonic() - started
     page.locator(IDLE).wait_for()
-    return time.monotonic() - started
+    return elapsed
 
 
 def shot(page, name: str, height: int = 1500) -> None:

@@ -29,7 +29,6 @@ from dpolab.jobs import (  # noqa: E402
     stop_job,
     wait_job,
 )
-from tests.conftest import write_jsonl  # noqa: E402
 from tests.test_jobs import wait_until  # noqa: E402
 
 CURVES = {"Training loss": "loss", "Reward accuracy": "rewards/accuracies", "Reward margin": "rewards/margins",
@@ -37,10 +36,8 @@ CURVES = {"Training loss": "loss", "Reward accuracy": "rewards/accuracies", "Rew
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
-             "rejected": f"Maybe {i * 3 + 1}."} for i in range(24)]
-    return write_jsonl(tmp_path_factory.mktemp("src") / "pairs.jsonl", rows)
+def pairs(arithmetic_pairs) -> Path:
+    return arithmetic_pairs
 
 
 def train_argv(model: Path, data: Path, out: Path, lr: str = "1e-3", steps: int | None = None) -> list[str]:

@@ -18,15 +18,12 @@ from dpolab.folders.sweep import SweepFolder  # noqa: E402
 from dpolab.jobs import find_job, log_tail, read_job, stop_job, wait_job  # noqa: E402
 from dpolab.sweep import SweepConfig  # noqa: E402
 from dpolab.sweep.report import load_sweep, trial_rows  # noqa: E402
-from tests.conftest import write_jsonl  # noqa: E402
 from tests.test_studio_runs import open_studio  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    rows = [{"prompt": f"Question {i}: what is {i} plus one?", "chosen": f"It is {i + 1}.",
-             "rejected": f"No idea about {i}, go away."} for i in range(20)]
-    return write_jsonl(tmp_path_factory.mktemp("sweepdata") / "pairs.jsonl", rows)
+def pairs(arithmetic_pairs) -> Path:
+    return arithmetic_pairs
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from dpolab.errors import ConfigError  # noqa: E402
 from dpolab.config import TrainConfig, load_config  # noqa: E402
 from dpolab.folders.run import RunFolder  # noqa: E402
 from dpolab.jobs import JobError, list_jobs, log_tail, read_job, start_job, stop_job, wait_job  # noqa: E402
-from tests.conftest import write_jsonl  # noqa: E402
 from tests.test_jobs import wait_until  # noqa: E402
 
 OTHER = "Other (path or Hub id)…"
@@ -157,10 +156,8 @@ def test_resume_argv_drops_overwrite():
 
 # ------------------------------------------------------------------------------------------------ the page
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
-             "rejected": f"Maybe {i * 3 + 1}."} for i in range(24)]
-    return write_jsonl(tmp_path_factory.mktemp("src") / "pairs.jsonl", rows)
+def pairs(arithmetic_pairs) -> Path:
+    return arithmetic_pairs
 
 
 @pytest.fixture

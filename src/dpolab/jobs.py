@@ -39,6 +39,7 @@ JOBS = ".jobs"
 KINDS = ("train", "sweep", "eval", "prepare", "export", "push")
 ACTIVE = ("starting", "running", "stopping")
 NICENESS = 10
+START_GRACE_S = 15
 
 
 class JobError(DpolabError):
@@ -136,6 +137,10 @@ def read_job(folder: Path) -> Job | None:
         status = "starting" if time.time() - record["started"] < 30 else "failed"
     elif _alive(pid):
         status = "stopping" if stop_asked else "running"
+    elif time.time() - record["started"] < START_GRACE_S:
+        # Just started: a reader must not call it failed before the supervisor is visibly alive (a page once drew a
+        # new job as failed and, no longer polling a finished job, never redrew it while the run went on).
+        status = "starting"
     else:  # the supervisor died without recording an exit (killed -9, machine restarted)
         status = "failed"
     return Job(id=folder.name, folder=folder, kind=record["kind"], target=Path(record["target"]), argv=record["argv"],
