@@ -73,6 +73,10 @@ class SweepFolder(Layout):
             raise SweepError(f"{self.config_file}: expected a mapping")
         return tree
 
+    def best_is_here(self) -> bool:
+        """best/ holds the best trial's run folder on this machine (its own best.json inside)."""
+        return (self.best_dir / BEST_JSON).is_file()
+
     def read_best(self) -> dict[str, Any] | None:
         for file in (self.best_dir / BEST_JSON, self.best_file):
             if file.is_file():

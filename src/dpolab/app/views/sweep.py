@@ -200,7 +200,7 @@ def trials(entry) -> tuple[pd.DataFrame | None, dict | None, str | None]:
     except (DpolabError, OSError, ValueError) as exc:
         return None, None, f"Cannot read the study: {exc}"
     best = folder.read_best()
-    materialised = (folder.best_dir / "best.json").is_file() and \
+    materialised = folder.best_is_here() and \
         (SweepFolder.is_sweep_with_best(entry.path) and best is not None)
     table = []
     for row in rows:
