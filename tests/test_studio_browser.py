@@ -5,6 +5,7 @@ them). Slow: real training of the 135M model on this machine's cores."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -181,6 +182,8 @@ def test_the_whole_job_in_the_browser(browser, studio, runs, tmp_path_factory, f
     start_training(page, "demo-2steps", data, steps=2, batch=8)
     seen, deadline = set(), time.monotonic() + 600
     while not page.get_by_text("Finished in").count():
+        failed = page.get_by_text("Failed:")
+        assert not failed.count(), failed.first.inner_text()  # the job's own error line, at once
         seen.add(progress_text(page))
         if page.locator(".st-key-train_chart_loss canvas, .st-key-train_chart_loss svg").count():
             seen.add("chart")
@@ -252,7 +255,10 @@ def test_the_whole_job_in_the_browser(browser, studio, runs, tmp_path_factory, f
     fill(other, "sweep_space_learning_rate_values", "5e-6, 2e-5")
     fill(other, "sweep_n_trials", 2)  # the grid's size
     click(other, "sweep_launch", "Launch")
-    wait_text(other, "★ best/", 900)
+    # The trials table is drawn on a canvas (its "★ best/" cell is not text in the page): the best panel says it.
+    other.locator(".st-key-sweep_best").get_by_text("best/ at").wait_for(timeout=900_000)
+    assert f"Best: trial {json.loads((runs / 'sweep-demo' / 'best.json').read_text())['trial']}" in \
+        other.locator(".st-key-sweep_best").inner_text()
     assert (runs / "sweep-demo" / "best").is_dir()
     drop_checkpoints(runs / "sweep-demo")
     shot(other, "sweep")
@@ -263,7 +269,7 @@ def test_the_whole_job_in_the_browser(browser, studio, runs, tmp_path_factory, f
     other.locator('[data-testid="stChatInputTextArea"]').fill("How do I make good tea?")
     other.locator('[data-testid="stChatInputTextArea"]').press("Enter")
     other.get_by_text("tokens/s").first.wait_for(timeout=120_000)  # the timing caption of a finished answer
-    assert "sweep-demo" in other.locator(".st-key-model_choice").inner_text()
+    assert "sweep-demo · template" in other.locator("body").inner_text()  # the page's "Model: …" line
     shot(other, "chat")
 
     # Publish: export, then a dry-run push with a canary token: it is nowhere afterwards.

@@ -182,9 +182,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "job"
 
 
-_reapers: list[threading.Thread] = []
-
-
 def start_job(runs_root: Path, kind: str, target: Path, argv: list[str], env: dict[str, str] | None = None) -> Job:
     """Start `dpolab ARGV` in the background, writing `target`; JobError when a job for `target` is still running
     (checked and started under one lock: two tabs clicking at once start one job)."""
@@ -219,9 +216,7 @@ def start_job(runs_root: Path, kind: str, target: Path, argv: list[str], env: di
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 close_fds=True, env=child_env)
         # Reap the supervisor when it ends (no zombie in a long-lived server); it does not depend on this process.
-        reaper = threading.Thread(target=proc.wait, daemon=True)
-        reaper.start()
-        _reapers.append(reaper)
+        threading.Thread(target=proc.wait, daemon=True).start()
         atomic_write_text(folder / "job.json", json.dumps({**record, "pid": proc.pid}, indent=2))
     return read_job(folder)
 
