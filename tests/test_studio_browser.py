@@ -242,7 +242,12 @@ def test_the_whole_job_in_the_browser(browser, studio, runs, tmp_path_factory, f
     other.keyboard.press("Escape")
     charts = other.locator('[data-testid="stVegaLiteChart"]')
     assert charts.count() >= 4
-    choose(other, "runs_detail", "demo-2steps")
+    wait_idle(other)
+    box = other.locator(".st-key-runs_detail").get_by_role("combobox")
+    box.click()
+    box.fill("demo-2steps")  # typed and taken with Enter: the option list is re-drawn while the page reruns
+    box.press("Enter")
+    wait_idle(other)
     assert other.get_by_text("finished").count()
     steps = other.locator('[data-testid="stMetric"]').filter(has_text="Steps").first.inner_text()
     assert steps.split()[-1] == "2", steps  # its metrics, read from its metrics.json
