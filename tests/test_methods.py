@@ -110,6 +110,7 @@ def test_sweeps_search_over_methods_and_loss_types(tmp_path):
 @pytest.mark.timeout(2400)  # five real-model runs, evals and exports: minutes on a loaded 2-core machine
 def test_every_method_on_real_hh_pairs_with_the_embedded_model(hh_path, tmp_path, tokenizer, embedded_dir, monkeypatch):
     """2 steps per method on the shared HH pairs: the run folder is complete, and eval, export and the app take it."""
+    import shutil
     import sys
 
     from streamlit.testing.v1 import AppTest
@@ -143,3 +144,5 @@ def test_every_method_on_real_hh_pairs_with_the_embedded_model(hh_path, tmp_path
         page.run()
         assert not page.exception, (method, page.exception)
         assert any(f"`{method}`" in md.value for md in page.sidebar.markdown), method
+        shutil.rmtree(run)  # ~2.6 GB with its checkpoint and export: five of them do not fit a small CI disk
+        shutil.rmtree(exported)

@@ -4,8 +4,10 @@ model launched from the page and watched to its end with best/ marked, Stop and 
 from __future__ import annotations
 
 import csv
+import shutil
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import yaml
@@ -14,6 +16,7 @@ st = pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dpolab.folders.catalog import status_of  # noqa: E402
+from dpolab.models import model_folder  # noqa: E402
 from dpolab.folders.sweep import SweepFolder  # noqa: E402
 from dpolab.jobs import find_job, log_tail, read_job, stop_job, wait_job  # noqa: E402
 from dpolab.sweep import SweepConfig  # noqa: E402
@@ -144,9 +147,15 @@ def test_two_trial_sweep_from_the_page_to_best(tmp_path, open_sweep, tiny_llama,
     assert status_of(root, sweep_dir) == "finished"
     assert not [b for b in at.button if b.key in ("sweep_stop", "sweep_resume")]  # finished: nothing to stop/resume
 
-    at.button(key="sweep_chat_best").click().run()  # one click to chat with the best trial
-    assert at.session_state["model_choice"] == str(root / "lr")
-    assert at.selectbox(key="model_choice").value == str(root / "lr")
+    # One click to chat with the best trial: a link to Chat with ?model=the sweep, which Chat preselects.
+    link = next(link.proto for link in at.get("page_link") if link.proto.label == "Chat with the best trial")
+    assert link.page == "chat" and link.query_string == f"model={quote(str(sweep_dir), safe='')}"
+    newer = root / "newer"  # the chat page lists the newest model first: without the link it would open this one
+    shutil.copytree(model_folder(sweep_dir), newer / "model")
+    at.query_params["model"] = str(sweep_dir)
+    at.switch_page("views/chat.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="model_choice").value == str(root / "lr")  # the chat page's own spelling of it
 
 
 def test_stop_and_resume_a_running_sweep(tmp_path, open_sweep, tiny_llama, pairs):

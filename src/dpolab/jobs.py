@@ -108,8 +108,7 @@ def _alive(pid: int | None) -> bool:
 def _train_stopped(target: Path) -> bool:
     from dpolab.folders.run import RunFolder
 
-    run = RunFolder(target)
-    return RunFolder.is_run(target) and not run.is_finished() and run.has_checkpoints()
+    return RunFolder.is_run(target) and RunFolder(target).is_stopped()
 
 
 def _stopped(record: dict[str, Any], folder: Path, code: int | None) -> bool:

@@ -43,11 +43,10 @@ def parse_page_args(argv: list[str]) -> argparse.Namespace:
 
 
 def find_runs(runs_dir: Path) -> list[str]:
-    """Runs and sweeps under `runs_dir` that hold a model (model/config.json, or a sweep's best/), newest first."""
-    if not runs_dir.is_dir():
-        return []
-    found = [child for child in runs_dir.iterdir() if child.is_dir() and model_folder(child) is not None]
-    return [str(child) for child in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+    """Runs and sweeps under `runs_dir` that hold a model, newest first, named `<runs_dir as given>/<name>`."""
+    from dpolab.folders.catalog import model_folders
+
+    return [str(path) for path in model_folders(runs_dir)]
 
 
 # ----------------------------------------------------------------------------------------------------------- models
@@ -360,6 +359,18 @@ def compare_choice(default: str, current: str, runs_dir: Path) -> str:
     return (choice or "").strip() or default
 
 
+def linked(choices: list[str]) -> None:
+    """Preselect the model a link asked for (`?model=FOLDER`, e.g. the Sweep page's "Chat with the best trial"), once:
+    the widget's state is dropped when another page is shown, so a later visit starts from the link again."""
+    wanted = st.query_params.get("model")
+    if not wanted or "model_choice" in st.session_state:
+        return
+    target = Path(wanted).expanduser().resolve()
+    match = next((c for c in choices if c != EMBEDDED_MODEL and Path(c).expanduser().resolve() == target), None)
+    if match is not None:
+        st.session_state["model_choice"] = match
+
+
 def sidebar(args: argparse.Namespace, compare_default: bool):
     """The sidebar: model choice, compare toggle, slots for the base model and the run's record, settings."""
     with st.sidebar:
@@ -369,6 +380,7 @@ def sidebar(args: argparse.Namespace, compare_default: bool):
             st.markdown(f"**Model** \n`{name}`")
         else:
             choices = find_runs(Path(args.runs_dir)) + [EMBEDDED_MODEL]
+            linked(choices)
             name = st.selectbox("Model", choices, key="model_choice",
                                 help=f"Runs found under `{args.runs_dir}/`, and the embedded default model.")
         compare = st.checkbox("Compare side by side", value=compare_default, key="compare",

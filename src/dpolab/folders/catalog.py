@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dpolab.errors import DpolabError
 from dpolab.folders.run import RunFolder
@@ -90,10 +90,10 @@ def folder_status(path: Path, kind: str, job: Job | None) -> str:
         if job is not None:
             if job.status in ("stopped", "failed"):
                 return job.status
-            return "stopped" if run.has_checkpoints() else "failed"  # exited 0 without finishing
+            return "stopped" if run.is_stopped() else "failed"  # exited 0 without finishing
         if _recent(run.progress_file):
             return "running"
-        return "stopped" if run.has_checkpoints() else "failed"
+        return "stopped" if run.is_stopped() else "failed"
     sweep = SweepFolder(path)
     if job is not None:
         return job.status
@@ -161,6 +161,23 @@ def _entry(path: Path, kind: str, job: Job | None) -> Entry:
                  dataset=data.get("dataset") if isinstance(data, dict) else None,
                  best_eval_loss=fields.get("best_eval_loss"), reward_accuracy=fields.get("reward_accuracy"),
                  steps=fields.get("steps"), trials=trials, duration_s=fields.get("duration_s"), started=started)
+
+
+def folders_under(runs_root: Path, keep: Callable[[Path], bool]) -> list[Path]:
+    """The folders directly under `runs_root` for which `keep` holds, newest first; hidden ones (.jobs) left out."""
+    root = Path(runs_root).expanduser()
+    if not root.is_dir():
+        return []
+    found = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".") and keep(c)]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def model_folders(runs_root: Path) -> list[Path]:
+    """Runs and sweeps under `runs_root` that hold a model (a run's model/, a sweep's best/), newest first: what
+    `--model` and the chat page take as they are."""
+    from dpolab.models import model_folder
+
+    return folders_under(runs_root, lambda c: model_folder(c) is not None)
 
 
 def scan(runs_root: Path) -> list[Entry]:

@@ -57,6 +57,10 @@ class RunFolder(Layout):
     def has_checkpoints(self) -> bool:
         return self.checkpoints_dir.is_dir() and any(self.checkpoints_dir.iterdir())
 
+    def is_stopped(self) -> bool:
+        """Unfinished with a checkpoint to go on from: `--resume` continues it (the studio's "stopped")."""
+        return not self.is_finished() and self.has_checkpoints()
+
     # ------------------------------------------------------------------------------------------------ create
     def check(self, resume: bool, overwrite: bool, inputs=()) -> None:
         """Read-only checks before any work (every rank runs them, so all fail alike)."""

@@ -24,6 +24,7 @@ import streamlit as st
 from dpolab.app.common import fmt_time, runs_root
 from dpolab.app.jobview import last_line, show_job
 from dpolab.errors import DpolabError
+from dpolab.folders.catalog import folders_under
 from dpolab.folders.info import load_run_info
 from dpolab.folders.run import RunFolder
 from dpolab.folders.sweep import SweepFolder
@@ -41,18 +42,14 @@ MESSAGE = "publish_message"  # (kind, text) left by a button's callback for the 
 def find_models(root: Path) -> dict[str, str]:
     """{resolved path: label} of the runs with a model/ and the sweeps with a best/ directly under `root`, newest
     first (unfinished runs and other folders are left out)."""
-    if not root.is_dir():
-        return {}
-    found = []
-    for child in root.iterdir():
-        if not child.is_dir() or child.name.startswith("."):
-            continue
-        if SweepFolder.is_sweep_with_best(child):
-            found.append((child, f"{child.name} (sweep, best trial)"))
-        elif RunFolder.is_run(child) and (RunFolder(child).model_dir / "config.json").is_file():
-            found.append((child, f"{child.name} (run)"))
-    found.sort(key=lambda item: item[0].stat().st_mtime, reverse=True)
-    return {str(path.resolve()): label for path, label in found}
+    def label(path: Path) -> str | None:
+        if SweepFolder.is_sweep_with_best(path):
+            return f"{path.name} (sweep, best trial)"
+        if RunFolder.is_run(path) and (RunFolder(path).model_dir / "config.json").is_file():
+            return f"{path.name} (run)"
+        return None
+
+    return {str(path.resolve()): label(path) for path in folders_under(root, lambda c: label(c) is not None)}
 
 
 def find_exports(root: Path) -> list[Path]:

@@ -18,7 +18,7 @@ import streamlit as st
 import yaml
 
 from dpolab import EMBEDDED_MODEL
-from dpolab.app.common import fmt_duration, fmt_time, runs_root, studio_args
+from dpolab.app.common import fmt_duration, fmt_time, runs_root
 from dpolab.config import Method, Template, load_config
 from dpolab.errors import DpolabError
 from dpolab.folders.catalog import scan
@@ -224,10 +224,10 @@ def best_panel(entry, folder: SweepFolder, best: dict) -> None:
                    icon=":material/star:")
         if here:
             left, right, _ = st.columns([2, 1, 2])
-            if left.button("Chat with the best trial", key="sweep_chat_best", icon=":material/forum:"):
-                # The chat page's model list names runs as <runs-dir as given>/<name>.
-                st.session_state["model_choice"] = str(Path(studio_args().runs_dir) / entry.name)
-                st.switch_page("views/chat.py")
+            # Links, not buttons: the panel is redrawn while the sweep job winds down, and a click that lands during
+            # a rerun is lost for a button, never for a link.
+            left.page_link("views/chat.py", label="Chat with the best trial", icon=":material/forum:",
+                           query_params={"model": str(entry.path)})
             right.page_link("views/publish.py", label="Publish it", icon=":material/publish:",
                             query_params={"model": str(entry.path)})
 

@@ -18,6 +18,7 @@ from dpolab.app import train_form as tf
 from dpolab.app.common import fmt_duration, fmt_time, runs_root, studio_args
 from dpolab.errors import DpolabError
 from dpolab.folders import owner
+from dpolab.folders.catalog import folders_under, model_folders
 from dpolab.folders.run import RunFolder
 from dpolab.jobs import Job, JobError, find_job, list_jobs, log_progress, log_tail, read_job, start_job, stop_job
 
@@ -28,22 +29,14 @@ ss = st.session_state
 # ------------------------------------------------------------------------------------------------------ choices
 def run_models(root: Path) -> list[str]:
     """Runs and sweeps under the runs root that hold a model, newest first (what `--model` accepts as they are)."""
-    from dpolab.models import model_folder
-
-    if not root.is_dir():
-        return []
-    found = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".") and model_folder(c) is not None]
-    return [str(c) for c in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+    return [str(path) for path in model_folders(root)]
 
 
 def prepared_folders(root: Path) -> list[str]:
     """Prepared data folders directly under the runs root (what the Data page writes), newest first."""
     from dpolab.data.prepare import is_prepared
 
-    if not root.is_dir():
-        return []
-    found = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".") and is_prepared(c)]
-    return [str(c) for c in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+    return [str(path) for path in folders_under(root, is_prepared)]
 
 
 def suggest_name(root: Path, base: str) -> str:
