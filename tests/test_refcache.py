@@ -142,9 +142,14 @@ def test_a_short_run_pays_only_for_the_pairs_it_trains_on(tiny_llama, tokenizer,
     cached = json.loads(next((data / "refcache").glob("*.json")).read_text())["logps"]
     test_ids = {r["id"] for r in load_prepared(data).split("test")}
     assert set(seen[:6]) == set(cached) - test_ids  # (the loader may collate one batch ahead, never trained on)
-    # A full epoch then computes only the 24 pairs the short run did not need.
+    # Half an epoch (30 pairs, batch 2: ceil(0.5 × 15) = 8 steps) reaches 16 pairs: 10 more than the short run's 6,
+    # and the trainer, which refuses a pair without its reference, takes exactly 8 steps on them.
+    half = run_training(TrainConfig(output_dir=tmp_path / "half", epochs=0.5, **cfg))
+    assert half.ref_pairs_computed == 10
+    assert json.loads((tmp_path / "half" / "trainer_state.json").read_text())["global_step"] == 8
+    # A full epoch then computes only the 14 pairs the shorter runs did not need.
     full = run_training(TrainConfig(output_dir=tmp_path / "full", epochs=1, **cfg))
-    assert full.ref_pairs_computed == 24
+    assert full.ref_pairs_computed == 14
 
 
 def test_the_collator_refuses_a_pair_without_its_reference():

@@ -138,7 +138,7 @@ def start_training(page, name: str, data: Path, steps: int, batch: int, lr: str 
     fill(page, "train_output", name)
     fill(page, "train_max_steps", steps)
     fill(page, "train_batch_size", batch)
-    fill(page, "train_learning_rate", lr)  # the demo's: see the resume check below
+    fill(page, "train_learning_rate", lr)  # small: see the resume check below
     click(page, "train_start", "Start")
 
 
@@ -227,7 +227,7 @@ def test_the_whole_job_in_the_browser(browser, studio, runs, tmp_path_factory, f
     full = start_job(runs, "train", runs / "uninterrupted", argv)
     assert wait_job(full, 600).status == "finished", log_tail(full)
     assert "--learning-rate" in argv or "--lr" in argv
-    # Within 1e-6 at the demo's learning rate. Multi-threaded CPU kernels are not bitwise reproducible from run to
+    # Within 1e-6 at lr 5e-6. Multi-threaded CPU kernels are not bitwise reproducible from run to
     # run (two uninterrupted 2-step runs at lr 1e-3 differed by up to 7e-6 in a weight; with one thread, by nothing),
     # and Adam turns that noise into weight differences of the order of the learning rate times it; a resume that
     # replayed the wrong pairs, optimizer or scheduler state would differ by the order of lr x steps (3e-5 here).

@@ -232,14 +232,19 @@ def load_policy(cfg: TrainConfig, tokenizer):
 
 
 def pairs_to_reference(cfg: TrainConfig, args, train: list[dict]) -> list[dict]:
-    """The training pairs whose reference log-probs the run needs: the ones its seeded order will reach in
-    max_steps (a 3-step run pays for 3 batches, not the data set); all of them for a run of whole epochs."""
+    """The training pairs whose reference log-probs the run needs: the ones its seeded order will reach in its steps
+    (a 3-step run, or half an epoch, pays for those batches, not the data set); all of them for a run of whole
+    epochs. Steps as transformers counts them for `epochs` (ceil of epochs × update steps per epoch)."""
     from dpolab.engine.trainer import planned
 
-    examples = None
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    steps = None
     if cfg.max_steps is not None and cfg.max_steps > 0:
-        examples = cfg.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    return planned(train, args.data_seed or args.seed, examples)
+        steps = cfg.max_steps
+    elif cfg.epochs < 1:
+        batches = math.ceil(len(train) / (args.per_device_train_batch_size * args.world_size))  # per process
+        steps = math.ceil(cfg.epochs * math.ceil(batches / args.gradient_accumulation_steps))
+    return planned(train, args.data_seed or args.seed, None if steps is None else steps * per_step)
 
 
 def with_lora(policy, lora, method: str = "dpo"):
