@@ -1,6 +1,5 @@
 """The folder modules: ownership markers, what --overwrite may replace, and the run/sweep layouts read back."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path

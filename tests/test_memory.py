@@ -4,7 +4,6 @@ against the measured peak RSS of real training steps."""
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest

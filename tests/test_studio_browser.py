@@ -21,7 +21,9 @@ from tests.test_app_browser import IDLE, browser, require_browser, serve, wait_i
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "docs" / "studio"
 REQUESTS: list[str] = []
-NAV_LIMIT_S = 2.0
+# Pages while the model trains on the same cores (the job at nice 10): a page the job blocked would wait for a
+# training step or the job's end; measured here 0.4-2.2 s on a quiet machine, over 3 s with a test run beside it.
+NAV_LIMIT_S = 5.0
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +122,7 @@ def choose(page, key: str, option: str) -> None:
 
 
 def click(page, key: str, name: str) -> None:
+    wait_idle(page)  # a click that lands while the page reruns is lost
     page.locator(f".st-key-{key}").get_by_role("button", name=name, exact=True).click()
 
 
@@ -210,6 +213,7 @@ def test_the_whole_job_in_the_browser(browser, studio, runs, tmp_path_factory, f
     assert other.locator(".st-key-train_start").get_by_role("button", name="Start").is_disabled()
     assert other.get_by_text("A job is already writing this folder").count()
     times = [go(other, title) for title in ("Runs", "Data", "Sweep", "Train")]
+    print("navigation while training (s):", [round(t, 2) for t in times])
     assert max(times) < NAV_LIMIT_S, times
     at_close = json_steps(run)
     page.context.close()  # closing the browser mid-training: the run goes on
@@ -242,7 +246,7 @@ def test_the_whole_job_in_the_browser(browser, studio, runs, tmp_path_factory, f
     for name in ("demo-2steps", "stop-me"):
         other.locator(".st-key-runs_overlay").get_by_role("combobox").click()
         other.get_by_role("option", name=name, exact=True).click()
-        other.locator(IDLE).wait_for()
+        wait_idle(other)
     other.keyboard.press("Escape")
     charts = other.locator('[data-testid="stVegaLiteChart"]')
     assert charts.count() >= 4
@@ -286,7 +290,6 @@ def test_the_whole_job_in_the_browser(browser, studio, runs, tmp_path_factory, f
     choose_model = other.locator(".st-key-publish_model").get_by_role("combobox")
     choose_model.click()
     other.get_by_role("option", name="demo-2steps (run)").click()
-    other.locator(IDLE).wait_for()
     click(other, "export_start", "Export")
     other.locator(".st-key-export_card").wait_for(timeout=300_000)
     fill(other, "push_repo", "someone/demo-2steps")

@@ -295,11 +295,11 @@ def test_a_finished_run_shows_its_metrics_and_refuses_a_second_start(open_train,
     assert plan["Training pairs"] == str(RunFolder(out).read_data_report()["train"])  # the plan said what ran
     assert progress_texts(at)[0].startswith("Step 2 of 2")
     assert any(s.value.startswith("Finished in") for s in at.success)
-    links = {link.proto.label: link.proto.page for link in at.get("page_link")}
+    links = {link.proto.label: (link.proto.page, link.proto.query_string) for link in at.get("page_link")}
     # Runs is the studio's default page without a model: its address is the root ("").
-    assert links == {"Compare it on the Runs page": "", "Publish it": "publish"}, links
-    assert [link.proto.query_string for link in at.get("page_link")][1] == f"model={quote(str(out), safe='')}"
-    assert at.button(key="train_chat").label == "Chat with it"
+    linked = f"model={quote(str(out), safe='')}"
+    assert links == {"Compare it on the Runs page": ("", ""), "Publish it": ("publish", linked),
+                     "Chat with it": ("chat", linked)}, links
     # The curves are the run's own progress: train loss per step, the eval point, the log-probs.
     history = RunFolder(out).read_progress().history
     drawn = charts(at)

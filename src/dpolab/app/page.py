@@ -21,7 +21,7 @@ import streamlit as st
 from dpolab import EMBEDDED_MODEL
 from dpolab.folders.info import RunInfo, load_run_info
 from dpolab.generation import GenerationSettings, build_prompt, context_limit
-from dpolab.models import load_model, load_tokenizer, model_folder
+from dpolab.models import load_model, load_tokenizer
 from dpolab.serving import DEFAULT_MAX_BATCH, DecodeEngine, Ended, Queued, Request, Text
 
 EXAMPLES = ("What is the purpose of life?", "How to live a healthy life?", "How do I make good tea?",

@@ -15,7 +15,7 @@ import streamlit as st
 
 from dpolab import EMBEDDED_MODEL
 from dpolab.app import train_form as tf
-from dpolab.app.common import fmt_duration, fmt_time, runs_root, studio_args
+from dpolab.app.common import fmt_duration, fmt_time, runs_root
 from dpolab.errors import DpolabError
 from dpolab.folders import owner
 from dpolab.folders.catalog import folders_under, model_folders
@@ -329,10 +329,8 @@ def show_metrics(run: RunFolder) -> None:
     st.page_link("views/runs.py", label="Compare it on the Runs page", icon=":material/table_rows:")
     st.page_link("views/publish.py", label="Publish it", icon=":material/publish:",
                  query_params={"model": str(run.path)})
-    if st.button("Chat with it", key="train_chat", icon=":material/forum:"):
-        # The chat page's model list names runs as <runs-dir as given>/<name>.
-        st.session_state["model_choice"] = str(Path(studio_args().runs_dir) / run.path.name)
-        st.switch_page("views/chat.py")
+    st.page_link("views/chat.py", label="Chat with it", icon=":material/forum:",
+                 query_params={"model": str(run.path)})  # a link: a click is never lost to a rerun
 
 
 def job_controls(root: Path, job: Job, run: RunFolder) -> None:
