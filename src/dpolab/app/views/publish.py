@@ -49,7 +49,8 @@ def find_models(root: Path) -> dict[str, str]:
             return f"{path.name} (run)"
         return None
 
-    return {str(path.resolve()): label(path) for path in folders_under(root, lambda c: label(c) is not None)}
+    labels = {str(path.resolve()): label(path) for path in folders_under(root, lambda c: True)}
+    return {path: text for path, text in labels.items() if text is not None}
 
 
 def find_exports(root: Path) -> list[Path]:

@@ -27,11 +27,6 @@ ss = st.session_state
 
 
 # ------------------------------------------------------------------------------------------------------ choices
-def run_models(root: Path) -> list[str]:
-    """Runs and sweeps under the runs root that hold a model, newest first (what `--model` accepts as they are)."""
-    return [str(path) for path in model_folders(root)]
-
-
 def prepared_folders(root: Path) -> list[str]:
     """Prepared data folders directly under the runs root (what the Data page writes), newest first."""
     from dpolab.data.prepare import is_prepared
@@ -81,7 +76,7 @@ def widget(field: tf.Field, where=st):
 
 def model_field(root: Path) -> str:
     field = tf.BY_OPTION["model"]
-    choices = [EMBEDDED_MODEL, *run_models(root), OTHER]
+    choices = [EMBEDDED_MODEL, *map(str, model_folders(root)), OTHER]  # what `--model` takes as they are
     choice = st.selectbox("Model", choices, key="train_model_choice",
                           help=f"{field.help} Runs under the runs root that hold a model are listed too.")
     if choice != OTHER:
