@@ -148,9 +148,9 @@ def test_resolve_attention(tiny_llama, tiny_gpt2):
     llama = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
     gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2, attn_implementation="sdpa")
     assert flex.resolve_attention("auto", "packed", llama, "cuda") == "flex"
-    assert flex.resolve_attention("auto", "packed", llama, "cpu") == "sdpa"  # no flex backward on CPU
+    assert flex.resolve_attention("auto", "packed", llama, "cpu") == "pairs"  # no flex backward on CPU
     assert flex.resolve_attention("auto", "padded", llama, "cuda") == "sdpa"
-    assert flex.resolve_attention("auto", "packed", gpt2, "cuda") == "sdpa"  # transformers' GPT-2 has no flex
+    assert flex.resolve_attention("auto", "packed", gpt2, "cuda") == "pairs"  # transformers' GPT-2 has no flex
     assert flex.resolve_attention("sdpa", "packed", llama, "cuda") == "sdpa"
     with pytest.raises(ConfigError, match="GPT2LMHeadModel"):
         flex.resolve_attention("flex", "packed", gpt2, "cuda")

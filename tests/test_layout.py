@@ -103,14 +103,14 @@ def test_balance_rows_finds_the_narrowest_widest_row():
 def test_hh_token_efficiency(hh_path, tokenizer):
     """Batches of 8 HH pairs in the trainer's order, the demo's template and max_length 512, the default budget
     2·512: sdpa rows keep ≥ 99% of computed tokens useful (longest-first onto the lightest row alone: 97.7%),
-    flex's single row 100%."""
+    the single row of flex and pairs 100%."""
     from dpolab.config import DataConfig
     from dpolab.data.prepare import build
     from dpolab.engine.trainer import SeededOrder
 
     train, _, _, _ = build(DataConfig(dataset=str(hh_path), template="qa", max_length=512), tokenizer)
     order = SeededOrder.order(len(train), 42)
-    for attention, floor in (("sdpa", 0.99), ("flex", 1.0)):
+    for attention, floor in (("sdpa", 0.99), ("flex", 1.0), ("pairs", 1.0)):
         real = computed = 0
         for start in range(0, len(order), 8):
             batch = packed_batch([train[i] for i in order[start : start + 8]], 0, 1024, attention=attention)

@@ -17,7 +17,7 @@ LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", 
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 Method = Literal["dpo", "simpo", "cpo", "orpo", "kto", "reward"]
 Layout = Literal["packed", "padded"]
-Attention = Literal["auto", "sdpa", "flex"]
+Attention = Literal["auto", "sdpa", "pairs", "flex"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -112,8 +112,10 @@ class TrainConfig(_Frozen):
     layout: Layout = "packed"
     token_budget: int | None = Field(None, gt=0, description="Target tokens per packed row (default 2*max_length).")
     attention: Attention = Field("auto", description="Packed layout's attention: sdpa (dense 4D mask, rows of about "
-                                                     "token_budget) | flex (FlexAttention BlockMask, one row per step; "
-                                                     "CUDA, Llama/Qwen2-style models) | auto (flex where supported).")
+                                                     "token_budget) | pairs (SDPA pair by pair, one unpadded row per "
+                                                     "step) | flex (FlexAttention BlockMask, one row per step; CUDA, "
+                                                     "Llama/Qwen2-style models) | auto (flex where supported, else "
+                                                     "pairs).")
     precision: Precision = "auto"
     lora: LoraConfig | None = None
     report_to: list[str] = ["tensorboard"]
@@ -157,8 +159,9 @@ class TrainConfig(_Frozen):
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be a positive number of steps, or -1 to train for `epochs` (got {self.max_steps})")
         self._check_saves_match_evaluations()
-        if self.attention == "flex" and self.layout != "packed":
-            raise ValueError("attention flex is the packed layout's mask: use layout packed, or attention auto/sdpa")
+        if self.attention in ("flex", "pairs") and self.layout != "packed":
+            raise ValueError(f"attention {self.attention} is the packed layout's: use layout packed, or attention "
+                             "auto/sdpa")
         return self
 
     def _check_method(self) -> None:

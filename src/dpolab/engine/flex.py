@@ -12,7 +12,9 @@ Supported (`flex_unsupported` says why not): torch with `torch.nn.attention.flex
 transformers runs through flex attention (`_supports_flex_attn`: Llama/SmolLM2 and Qwen2 do, GPT-2 does not); and a
 CUDA device — torch 2.13's FlexAttention has no backward on CPU (`NotImplementedError: FlexAttention does not
 support backward on CPU`), and its compiled CPU forward is slower than dense SDPA at the demo's budgets
-(bench/flex_attention.py). `attention: auto` therefore trains with flex on CUDA and with SDPA elsewhere.
+(bench/flex_attention.py). `attention: auto` therefore trains with flex on CUDA and elsewhere with SDPA pair by pair
+(engine/pair_attention.py: the same block-diagonal saving, one SDPA call per pair), or with SDPA and the dense mask
+for a model outside transformers' attention interface.
 """
 
 from __future__ import annotations
@@ -112,24 +114,41 @@ def flex_unsupported(model, device) -> str | None:
     return None
 
 
+def pairs_unsupported(model) -> str | None:
+    """Why `model` cannot run the packed layout pair by pair (engine/pair_attention.py; None: it can)."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "get_base_model", lambda: inner)()
+    if not getattr(inner, "_supports_attention_backend", False):
+        return f"transformers runs {type(inner).__name__} without its attention interface"
+    return None
+
+
 def resolve_attention(requested: str, layout: str, model, device) -> str:
-    """'sdpa' or 'flex' for a run: `auto` takes flex where it is supported (packed layout only), else SDPA; an
-    explicit `flex` that cannot run is refused."""
+    """'sdpa', 'pairs' or 'flex' for a run: `auto` takes flex where it is supported (packed layout only), else SDPA
+    pair by pair where the model runs through transformers' attention interface, else SDPA with the dense mask;
+    an explicit `flex` or `pairs` that cannot run is refused."""
     from dpolab.errors import ConfigError
 
-    if requested == "sdpa" or (requested == "auto" and layout != "packed"):
+    if requested == "sdpa" or layout != "packed":
         return "sdpa"
     reason = flex_unsupported(model, device)
-    if reason is None:
+    if requested == "flex" and reason is not None:
+        raise ConfigError(f"attention flex: {reason}; use attention auto, pairs or sdpa")
+    if requested == "flex" or (requested == "auto" and reason is None):
         return "flex"
-    if requested == "flex":
-        raise ConfigError(f"attention flex: {reason}; use attention auto or sdpa")
-    return "sdpa"
+    reason = pairs_unsupported(model)
+    if requested == "pairs" and reason is not None:
+        raise ConfigError(f"attention pairs: {reason}; use attention auto or sdpa")
+    return "pairs" if reason is None else "sdpa"
 
 
 def use_attention(model, attention: str) -> None:
     """Switch a loaded model's attention to the run's backend (transformers' name for it)."""
+    from dpolab.engine import pair_attention
+
     inner = getattr(model, "module", model)
-    wanted = FLEX_IMPLEMENTATION if attention == "flex" else "sdpa"
+    wanted = {"flex": FLEX_IMPLEMENTATION, "pairs": pair_attention.IMPLEMENTATION}.get(attention, "sdpa")
+    if wanted == pair_attention.IMPLEMENTATION:
+        pair_attention.register()
     if inner.config._attn_implementation != wanted:
         inner.set_attn_implementation(wanted)

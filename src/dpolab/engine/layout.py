@@ -10,13 +10,14 @@ packed: each pair once as `prompt · chosen · rejected`. Position ids restart a
               dense (R, 1, L, L) boolean mask — attention costs R·L², so rows stay about `budget` long.
         flex: all pairs in one row, no padding; the model builds a FlexAttention BlockMask from the segments, whose
               tiles where pairs do not meet are skipped, so the row's length costs nothing there.
+        pairs: the same one row; SDPA runs pair by pair, each over its own span (engine/pair_attention.py).
 Token efficiency (unique tokens / computed tokens) on the HH train split (1,793 pairs, max_length 512, batches of 8
 pairs in the trainer's seeded order): padded computes 3.6x the unique tokens; packed sdpa with the default budget
 1024 keeps 99.2% useful (qa and raw templates; longest-first onto the lightest row alone kept 97.7%, first-fit rows
-77%), with budget 512 90% (pairs of up to ~1,000 tokens over ~4 rows); packed flex 100%. What sdpa still pads is
-the optimum for its R (e.g. pairs of 538, 533, 391, 376, … tokens over 3 rows: two of the four share one). One
-forward per step, so the same path runs under DDP/FSDP/DeepSpeed (they need every forward to go through the wrapped
-model).
+77%), with budget 512 90% (pairs of up to ~1,000 tokens over ~4 rows); packed flex and pairs 100%. What sdpa still
+pads is the optimum for its R (e.g. pairs of 538, 533, 391, 376, … tokens over 3 rows: two of the four share one).
+One forward per step, so the same path runs under DDP/FSDP/DeepSpeed (they need every forward to go through the
+wrapped model).
 Both also give `score_index` (2B,): where a reward model reads each sequence's score (chosen 0..B-1, then rejected),
 as flat indices into (rows·width). It is the sequence's last token that is not `pad_id`, the position
 `AutoModelForSequenceClassification` pools at (the rightmost non-pad token), so a saved reward model scores a text
@@ -135,8 +136,9 @@ def _narrowest(order: list[int], lengths: Sequence[int], n_rows: int, best: tupl
 
 def packed_batch(pairs: Sequence[dict[str, Any]], pad_id: int, token_budget: int, prompt_targets: bool = False,
                  attention: str = "sdpa") -> dict[str, Any]:
-    """`attention` sdpa: rows from `balance_rows` and the dense mask (`packed_mask`) as `attention_mask`; flex: all
-    pairs in one row (no padding) and no dense mask — the model builds a BlockMask from `owner` and `kind`."""
+    """`attention` sdpa: rows from `balance_rows` and the dense mask (`packed_mask`) as `attention_mask`; flex and
+    pairs: all pairs in one row (no padding) and no dense mask — the model's inputs get a BlockMask, or each pair's
+    own block (engine/pair_attention.py), from `owner` and `kind`."""
     n = len(pairs)
     lengths = [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs]
     rows = balance_rows(lengths, token_budget) if attention == "sdpa" else [list(range(n))]

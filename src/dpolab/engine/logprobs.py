@@ -21,7 +21,7 @@ import contextlib
 import torch
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-PACKED_ATTENTION = ("sdpa", "flex_attention")  # what honours the packed mask (tested)
+PACKED_ATTENTION = ("sdpa", "flex_attention", "dpolab_pairs")  # what honours the packed mask (tested)
 KEEP_LOGITS_BYTES = 256 * 2**20  # head_logps keeps the fp32 (K, V) logits for backward up to this size, else recomputes
 
 
@@ -148,8 +148,9 @@ def _head_swapped(model, head):
 
 def model_inputs(model, batch: dict) -> dict:
     """The model's inputs of a layout batch. A packed batch's mask follows the model's attention: a BlockMask built
-    from the batch's segments (`owner`, `kind`) for flex attention, the dense 4D mask for SDPA (built from the
-    segments when the batch was laid out for flex); other attentions are refused."""
+    from the batch's segments (`owner`, `kind`) for flex attention, each pair's span and mask (`pair_blocks`) for
+    SDPA pair by pair, the dense 4D mask for SDPA (built from the segments when the batch was laid out in one row);
+    other attentions are refused."""
     implementation = _config(model)._attn_implementation
     inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
     if "owner" not in batch:  # padded layout: a 2D mask every attention honours
@@ -162,6 +163,11 @@ def model_inputs(model, batch: dict) -> dict:
         from dpolab.engine.flex import packed_block_mask
 
         inputs["attention_mask"] = packed_block_mask(batch["owner"], batch["kind"])
+    elif implementation == "dpolab_pairs":
+        from dpolab.engine.pair_attention import pair_blocks
+
+        inputs.pop("attention_mask", None)
+        inputs["pair_blocks"] = pair_blocks(batch["owner"], batch["kind"])
     elif "attention_mask" not in inputs:
         from dpolab.engine.layout import packed_mask
 

@@ -211,7 +211,7 @@ def reference_logps(cfg: TrainConfig, runtime: Runtime, records: list[dict], pol
 
 
 def with_attention(cfg: TrainConfig, model, device) -> str:
-    """The run's packed-layout attention for `model` on `device` ('sdpa' or 'flex', see engine/flex.py), set on it."""
+    """The run's packed-layout attention for `model` on `device` (sdpa, pairs or flex: engine/flex.py), set on it."""
     from dpolab.engine.flex import resolve_attention, use_attention
 
     attention = resolve_attention(cfg.attention, cfg.layout, model, device)
