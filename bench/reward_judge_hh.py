@@ -9,7 +9,8 @@ DPO-tuned model over the base model: the figures of the README's "Reward models 
      ranking accuracy on the same pairs (`reference_ranking_accuracy`) — and base-vs-tuned answers to --prompts
      held-out prompts, judged: raw win rate (Wilson), length-controlled win rate, mean length change
 Every step is the library function the CLI command runs. Usage:
-  python bench/reward_judge_hh.py [--rows 600] [--epochs 1] [--prompts 40] [--max-length 384]
+  python bench/reward_judge_hh.py [--rows 600] [--epochs 1] [--dpo-epochs 0.3] [--reward-lr 2e-5] [--prompts 40]
+                                 [--max-length 384]
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def _train(work: Path, name: str, method: str, args) -> tuple[float, dict]:
 
     started = time.perf_counter()
     options = {"beta": 0.1, "learning_rate": 5e-6} if method == "dpo" else {"learning_rate": args.reward_lr}
+    epochs = args.dpo_epochs if method == "dpo" and args.dpo_epochs else args.epochs
     cfg = TrainConfig(output_dir=work / name, data=DataConfig(dataset=str(work / "data")), method=method,
-                      batch_size=8, epochs=args.epochs, eval_every="epoch", save_total_limit=1, logging_steps=5,
+                      batch_size=8, epochs=epochs, eval_every="epoch", save_total_limit=1, logging_steps=5,
                       report_to=[], seed=42, **options)
     result = run_training(cfg, overwrite=True)
     return time.perf_counter() - started, result.metrics
@@ -48,7 +50,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=600, help="HH rows read (the first ones of the shared file)")
     parser.add_argument("--test-size", type=float, default=0.2)
     parser.add_argument("--max-length", type=int, default=384)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=float, default=1)
+    parser.add_argument("--dpo-epochs", type=float, default=None,
+                        help="epochs of the DPO run (default --epochs); a fraction trains on the first pairs of its "
+                             "seeded order and computes reference log-probs only for those")
     parser.add_argument("--reward-lr", type=float, default=1e-4, help="TRL RewardConfig's default")
     parser.add_argument("--prompts", type=int, default=40, help="held-out prompts answered by base and tuned, judged")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -86,7 +91,7 @@ def main() -> None:
     }
     cpu_flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     settings = {**vars(args), "data": str(HH_DATA.name), "pairs": {k: report.get(k) for k in ("rows_in", "rows_kept", "train", "test")}, "template": "raw",
-                "reward": "lr %g, batch 8" % args.reward_lr, "dpo": "sigmoid, beta 0.1, lr 5e-6, batch 8",
+                "reward": "lr %g, batch 8" % args.reward_lr, "dpo": "sigmoid, beta 0.1, lr 5e-6, batch 8, %g epochs" % (args.dpo_epochs or args.epochs),
                 "cpu_flags": sorted(f for f in cpu_flags if f.startswith(("avx", "amx", "fma"))),
                 "load_before": load_before, "load_after": os.getloadavg()[0]}
     path = write_result("reward_judge_hh", {"settings": settings, "table": table, "timings_s": timings,
