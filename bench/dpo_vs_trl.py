@@ -174,12 +174,7 @@ def main() -> None:
     parser.add_argument("--model", help="model folder instead of the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--random-weights", action="store_true", help="--model's config with random weights")
     parser.add_argument("--data", default=str(HH_DATA), help="HH pairs (default: ../shared/data/hh-rlhf)")
-    parser.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--work")
-    args = parser.parse_args()
-    if args.child:
-        tb.child_main(*args.child)
-        return
+    args = tb.parse_args(parser)
     work = Path(args.work or tempfile.mkdtemp(prefix="dpolab-bench-"))
     setup(work, args)
     facts = tb.data_facts(work / "model", work / "data")

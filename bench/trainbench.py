@@ -248,6 +248,19 @@ def run_dpolab(spec: dict) -> dict:
             **step_times(stamps)}
 
 
+def parse_args(parser):
+    """Add the options of a configuration's subprocess and parse; in that subprocess (--child) run it and exit."""
+    import argparse
+
+    parser.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", help="working folder (default: a new temporary one)")
+    args = parser.parse_args()
+    if args.child:
+        child_main(*args.child)
+        sys.exit(0)
+    return args
+
+
 def child_main(spec_json: str, out: str) -> None:
     """Entry of a configuration's subprocess: run it, add its own peak RSS, write the result."""
     import shutil

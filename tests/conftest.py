@@ -114,3 +114,14 @@ def hh_path() -> Path:
     if not HH_DATA.is_file():
         pytest.fail(f"shared HH data missing at {HH_DATA}")
     return HH_DATA
+
+
+def random_pairs(n: int, seed: int, longest: int = 90, vocab: int = 900) -> list[dict]:
+    """n pairs of random token ids, each part 1..longest-1 tokens (seeded): layouts and attentions under test."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p, c, r = (int(x) for x in torch.randint(1, longest, (3,), generator=g))
+        out.append({k: torch.randint(10, vocab, (m,), generator=g).tolist()
+                    for k, m in (("prompt_ids", p), ("chosen_ids", c), ("rejected_ids", r))})
+    return out

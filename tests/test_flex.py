@@ -3,26 +3,17 @@ gradients against the SDPA path's."""
 
 import pytest
 import torch
+from conftest import random_pairs
 
 from dpolab.engine import flex
 from dpolab.engine.layout import packed_batch, packed_mask
 from dpolab.engine.logprobs import batch_logps
 
 
-def _pairs(n, seed, longest=90, vocab=900):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        p, c, r = (int(x) for x in torch.randint(1, longest, (3,), generator=g))
-        out.append({k: torch.randint(10, vocab, (m,), generator=g).tolist()
-                    for k, m in (("prompt_ids", p), ("chosen_ids", c), ("rejected_ids", r))})
-    return out
-
-
 def _random_batches():
     """Rows of several pairs with padding (sdpa: balanced rows) and one unpadded row (flex), crossing tile edges."""
     for seed in range(6):
-        pairs = _pairs(3 + seed, seed, longest=(20, 90, 200)[seed % 3])
+        pairs = random_pairs(3 + seed, seed, longest=(20, 90, 200)[seed % 3])
         yield packed_batch(pairs, 0, 300)
         yield packed_batch(pairs, 0, 300, attention="flex")
 
@@ -72,7 +63,7 @@ def _padded(owner, kind, width):
 
 def test_packed_block_mask_builds_no_dense_mask():
     """A 16k-token row: the tables are (L/128)² entries, the interval count L·L/128; never L² (268M) of anything."""
-    pairs = _pairs(90, 7, longest=120)
+    pairs = random_pairs(90, 7, longest=120)
     batch = packed_batch(pairs, 0, 16_384, attention="flex")
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     assert batch["real_tokens"] == batch["computed_tokens"]  # one row, no padding
@@ -114,7 +105,7 @@ def test_flex_equals_sdpa_logps_and_gradients(request, monkeypatch, arch):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(arch), attn_implementation="sdpa")
-    pairs = _pairs(5, 11, longest=80)
+    pairs = random_pairs(5, 11, longest=80)
     expected, expected_grads = _logps_and_grads(model, packed_batch(pairs, 0, 200, prompt_targets=True))
     if not torch.cuda.is_available():
         _eager_flex(monkeypatch)
@@ -132,7 +123,7 @@ def test_compiled_flex_forward_on_cpu_equals_sdpa(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
-    pairs = _pairs(5, 3, longest=120)
+    pairs = random_pairs(5, 3, longest=120)
     with torch.no_grad():
         expected = batch_logps(model, packed_batch(pairs, 0, 300))
         flex.use_attention(model, "flex")
@@ -150,7 +141,7 @@ def test_resolve_attention(tiny_llama, tiny_gpt2):
     assert flex.resolve_attention("auto", "packed", llama, "cuda") == "flex"
     assert flex.resolve_attention("auto", "packed", llama, "cpu") == "pairs"  # no flex backward on CPU
     assert flex.resolve_attention("auto", "padded", llama, "cuda") == "sdpa"
-    assert flex.resolve_attention("auto", "packed", gpt2, "cuda") == "pairs"  # transformers' GPT-2 has no flex
+    assert flex.resolve_attention("auto", "packed", gpt2, "cuda") == "sdpa"  # transformers' GPT-2 has no flex
     assert flex.resolve_attention("sdpa", "packed", llama, "cuda") == "sdpa"
     with pytest.raises(ConfigError, match="GPT2LMHeadModel"):
         flex.resolve_attention("flex", "packed", gpt2, "cuda")
@@ -163,7 +154,7 @@ def test_gpt2_packed_sdpa_from_flex_layout(tiny_gpt2):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, attn_implementation="sdpa").eval()
-    pairs = _pairs(4, 5)
+    pairs = random_pairs(4, 5)
     with torch.no_grad():
         expected = batch_logps(model, packed_batch(pairs, 0, 100))
         got = batch_logps(model, packed_batch(pairs, 0, 100, attention="flex"))

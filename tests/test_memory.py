@@ -110,13 +110,19 @@ def test_the_step_is_the_largest_batch_as_laid_out():
     # The two longest pairs, 2 rows each, as wide as the longest sequence (30 + 1); a kept position per response token
     assert memory.step_shape(records, 2, DPOCollator("padded", 0, 64)) == memory.StepShape(4, 31, (10 + 4) + (1 + 1))
     # One row; the prompt's last position predicts both responses' first tokens
-    assert memory.step_shape(records, 2, DPOCollator("packed", 0, 100)) == memory.StepShape(1, 34 + 32, 13 + 1)
+    squares = 34**2 + 32**2  # the two pairs' own masks (attention pair by pair)
+    assert memory.step_shape(records, 2, DPOCollator("packed", 0, 100)) == memory.StepShape(1, 34 + 32, 13 + 1, squares)
     # Over the row budget: two rows, as wide as the longer pair
-    assert memory.step_shape(records, 2, DPOCollator("packed", 0, 40)) == memory.StepShape(2, 34, 13 + 1)
+    assert memory.step_shape(records, 2, DPOCollator("packed", 0, 40)) == memory.StepShape(2, 34, 13 + 1, squares)
     # FlexAttention: one row whatever the budget, and no dense mask to keep
     flex = memory.step_shape(records, 2, DPOCollator("packed", 0, 40, attention="flex"))
-    assert flex == memory.StepShape(1, 34 + 32, 13 + 1)
+    assert flex == memory.StepShape(1, 34 + 32, 13 + 1, squares)
     assert memory.estimate_memory(SHAPE, 10, 10, flex, dense_mask=False).mask == 0
+    # Pair by pair: the same row, each pair's mask; the dense mask would be the whole row's
+    pairs = memory.step_shape(records, 2, DPOCollator("packed", 0, 40, attention="pairs"))
+    assert memory.estimate_memory(SHAPE, 10, 10, pairs, dense_mask=False, pair_masks=True).mask == (
+        4 * SHAPE.layers * squares)
+    assert memory.estimate_memory(SHAPE, 10, 10, pairs).mask == 4 * SHAPE.layers * (34 + 32) ** 2
 
 
 # --------------------------------------------------------------------------------------------- config and CLI

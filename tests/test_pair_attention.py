@@ -5,27 +5,18 @@ import json
 
 import pytest
 import torch
+from conftest import random_pairs
 
 from dpolab.engine import flex, pair_attention
 from dpolab.engine.layout import packed_batch, packed_mask
 from dpolab.engine.logprobs import batch_logps
 
 
-def _pairs(n, seed, longest=90, vocab=900):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        p, c, r = (int(x) for x in torch.randint(1, longest, (3,), generator=g))
-        out.append({k: torch.randint(10, vocab, (m,), generator=g).tolist()
-                    for k, m in (("prompt_ids", p), ("chosen_ids", c), ("rejected_ids", r))})
-    return out
-
-
 def test_blocks_are_the_dense_masks_diagonal_and_cover_every_pair():
     """Each block's mask is the dense mask's diagonal block at its span, the dense mask is empty outside the blocks
     (so nothing is lost by skipping it), and the spans cover every real token once (padded rows too)."""
     for seed in range(6):
-        pairs = _pairs(3 + seed, seed, longest=(20, 90, 200)[seed % 3])
+        pairs = random_pairs(3 + seed, seed, longest=(20, 90, 200)[seed % 3])
         for attention in ("sdpa", "pairs"):
             batch = packed_batch(pairs, 0, 300, attention=attention)
             owner, kind = batch["owner"], batch["kind"]
@@ -58,7 +49,7 @@ def test_pairs_equal_dense_sdpa_logps_and_gradients(request, arch, laid_out, one
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(arch), attn_implementation="sdpa")
-    pairs = _pairs(6, 11, longest=80)
+    pairs = random_pairs(6, 11, longest=80)
     expected, expected_grads = _logps_and_grads(model, packed_batch(pairs, 0, 200, prompt_targets=True))
     flex.use_attention(model, "pairs")
     assert model.config._attn_implementation == pair_attention.IMPLEMENTATION
@@ -76,7 +67,7 @@ def test_pairs_under_gradient_checkpointing(tiny_llama, one_torch_thread):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
-    pairs = _pairs(4, 5, longest=60)
+    pairs = random_pairs(4, 5, longest=60)
     expected, expected_grads = _logps_and_grads(model, packed_batch(pairs, 0, 200))
     flex.use_attention(model, "pairs")
     model.gradient_checkpointing_enable()
@@ -88,8 +79,8 @@ def test_pairs_under_gradient_checkpointing(tiny_llama, one_torch_thread):
 
 
 def test_pairs_refuses_a_batch_without_blocks_and_is_not_saved(tiny_llama, tmp_path):
-    """Outside packed batches the backend refuses (rather than attend without a mask); a saved model loads with
-    transformers' own attention, not this process's registered one."""
+    """Outside packed batches the backend refuses (rather than attend without a mask); a model saved after
+    `use_attention` loads with transformers' own attention, not this process's registered one."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
@@ -102,13 +93,32 @@ def test_pairs_refuses_a_batch_without_blocks_and_is_not_saved(tiny_llama, tmp_p
     assert again.config._attn_implementation == "sdpa"
 
 
-def test_resolve_pairs(tiny_llama, tiny_gpt2):
+def test_resolverandom_pairs(tiny_llama, tiny_gpt2):
     from transformers import AutoModelForCausalLM
+
+    from dpolab.errors import ConfigError
 
     llama = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
     gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2, attn_implementation="sdpa")
     assert flex.resolve_attention("auto", "packed", llama, "cpu") == "pairs"  # flex has no backward on CPU
     assert flex.resolve_attention("auto", "packed", gpt2, "cpu") == "pairs"
+    assert flex.resolve_attention("auto", "packed", gpt2, "cuda") == "sdpa"  # auto takes pairs off CUDA only
     assert flex.resolve_attention("pairs", "packed", llama, "cuda") == "pairs"
     assert flex.resolve_attention("auto", "padded", llama, "cpu") == "sdpa"
     assert flex.resolve_attention("sdpa", "packed", llama, "cpu") == "sdpa"
+    llama.config.attn_logit_softcapping = 50.0  # what Gemma2 does: not plain SDPA
+    assert flex.resolve_attention("auto", "packed", llama, "cpu") == "sdpa"
+    with pytest.raises(ConfigError, match="soft-caps"):
+        flex.resolve_attention("pairs", "packed", llama, "cpu")
+
+
+def test_pair_attention_refuses_what_it_does_not_compute():
+    """Soft-capped logits, attention sinks, a window shorter than a pair: an error, never silently other numbers."""
+    q = torch.zeros(1, 2, 6, 4)
+    blocks = pair_attention.pair_blocks(torch.tensor([[0, 0, 0, 1, 1, 1]]), torch.tensor([[0, 1, 2, 0, 1, 2]]))
+    out, _ = pair_attention.pair_attention(None, q, q, q, pair_blocks=blocks, sliding_window=8)
+    assert out.shape == (1, 6, 2, 4)
+    for extra, match in (({"softcap": 30.0}, "softcap"), ({"s_aux": torch.zeros(2)}, "s_aux"),
+                         ({"sliding_window": 2}, "sliding window")):
+        with pytest.raises(ValueError, match=match):
+            pair_attention.pair_attention(None, q, q, q, pair_blocks=blocks, **extra)

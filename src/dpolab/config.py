@@ -114,8 +114,8 @@ class TrainConfig(_Frozen):
     attention: Attention = Field("auto", description="Packed layout's attention: sdpa (dense 4D mask, rows of about "
                                                      "token_budget) | pairs (SDPA pair by pair, one unpadded row per "
                                                      "step) | flex (FlexAttention BlockMask, one row per step; CUDA, "
-                                                     "Llama/Qwen2-style models) | auto (flex where supported, else "
-                                                     "pairs).")
+                                                     "Llama/Qwen2-style models) | auto (flex where supported; else "
+                                                     "pairs off CUDA; else sdpa).")
     precision: Precision = "auto"
     lora: LoraConfig | None = None
     report_to: list[str] = ["tensorboard"]

@@ -41,7 +41,7 @@ def train(
     epochs: Optional[float] = typer.Option(None, help="Epochs (default: 5)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides epochs)."),
     layout: Optional[str] = typer.Option(None, help="packed (prefix-shared, padding-free) | padded (default: packed)."),
-    attention: Optional[str] = typer.Option(None, help="Packed layout: auto (flex where supported) | sdpa | flex."),
+    attention: Optional[str] = typer.Option(None, help="Packed layout: auto (flex on CUDA, else pairs) | pairs | sdpa | flex."),
     precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (default: auto = bf16 autocast if native)."),
     gradient_checkpointing: Optional[str] = typer.Option(None, help="auto | on | off (default: auto = on if memory is short)."),
     template: Optional[str] = typer.Option(None, help="Template when preparing a raw source (default: qa)."),

@@ -12,9 +12,9 @@ Supported (`flex_unsupported` says why not): torch with `torch.nn.attention.flex
 transformers runs through flex attention (`_supports_flex_attn`: Llama/SmolLM2 and Qwen2 do, GPT-2 does not); and a
 CUDA device — torch 2.13's FlexAttention has no backward on CPU (`NotImplementedError: FlexAttention does not
 support backward on CPU`), and its compiled CPU forward is slower than dense SDPA at the demo's budgets
-(bench/flex_attention.py). `attention: auto` therefore trains with flex on CUDA and elsewhere with SDPA pair by pair
-(engine/pair_attention.py: the same block-diagonal saving, one SDPA call per pair), or with SDPA and the dense mask
-for a model outside transformers' attention interface.
+(bench/flex_attention.py). `attention: auto` therefore trains with flex on CUDA (SDPA with the dense mask for a model without flex) and
+elsewhere with SDPA pair by pair (engine/pair_attention.py: the same block-diagonal saving, one SDPA call per pair),
+or with SDPA and the dense mask for a model that pair by pair cannot run.
 """
 
 from __future__ import annotations
@@ -120,13 +120,18 @@ def pairs_unsupported(model) -> str | None:
     inner = getattr(inner, "get_base_model", lambda: inner)()
     if not getattr(inner, "_supports_attention_backend", False):
         return f"transformers runs {type(inner).__name__} without its attention interface"
+    config = inner.config
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return f"{type(inner).__name__} soft-caps its attention logits"
+    if any(name.endswith("sinks") for name, _ in inner.named_parameters()):
+        return f"{type(inner).__name__} has attention sinks"
     return None
 
 
 def resolve_attention(requested: str, layout: str, model, device) -> str:
-    """'sdpa', 'pairs' or 'flex' for a run: `auto` takes flex where it is supported (packed layout only), else SDPA
-    pair by pair where the model runs through transformers' attention interface, else SDPA with the dense mask;
-    an explicit `flex` or `pairs` that cannot run is refused."""
+    """'sdpa', 'pairs' or 'flex' for a run: `auto` takes flex where it is supported (packed layout only); else, off
+    CUDA (where pair by pair is measured: README, Performance), SDPA pair by pair for a model on transformers'
+    attention interface; else SDPA with the dense mask. An explicit `flex` or `pairs` that cannot run is refused."""
     from dpolab.errors import ConfigError
 
     if requested == "sdpa" or layout != "packed":
@@ -139,6 +144,8 @@ def resolve_attention(requested: str, layout: str, model, device) -> str:
     reason = pairs_unsupported(model)
     if requested == "pairs" and reason is not None:
         raise ConfigError(f"attention pairs: {reason}; use attention auto or sdpa")
+    if requested == "auto" and torch.device(device).type == "cuda":
+        return "sdpa"
     return "pairs" if reason is None else "sdpa"
 
 

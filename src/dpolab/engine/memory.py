@@ -16,7 +16,8 @@ libraries, tokenizer, prepared data — is already outside what the device repor
                             step (a half-precision copy of the weights, 2·P, on top under autocast: autocast's cache)
     M = 4·L·R·W²            the attention mask of a step of R rows W wide, which each of the L layers' sdpa turns
                             into an fp32 bias and keeps for backward (an upper bound: none for a padded batch
-                            without padding, which runs causal without a mask; none with FlexAttention's BlockMask)
+                            without padding, which runs causal without a mask; none with FlexAttention's BlockMask;
+                            4·L·Σ pairᵢ² for attention pair by pair, each pair's own mask)
     head                    the output head (`logprobs.head_logps`): the fp32 (K, V) logits it keeps up to
                             KEEP_LOGITS_BYTES, two (min(K, chunk), V) fp32 buffers alive while a chunk's
                             log-sum-exp is taken (its logits and logsumexp's exp), and the (K, H) hidden states
@@ -150,6 +151,7 @@ class StepShape:
     rows: int
     width: int
     kept: int
+    pair_squares: int = 0  # Σ (tokens of a pair)²: the masks of attention pair by pair (engine/pair_attention.py)
 
     @property
     def tokens(self) -> int:
@@ -158,7 +160,8 @@ class StepShape:
 
 def estimate_memory(shape: ModelShape, params: int, trainable: int, step: StepShape, *, half: bool = False,
                     checkpointing: bool = False, scored: bool = False, reference_params: int | None = None,
-                    dense_mask: bool = True, keep_limit: int = 256 * 2**20) -> MemoryEstimate:
+                    dense_mask: bool = True, pair_masks: bool = False, keep_limit: int = 256 * 2**20
+                    ) -> MemoryEstimate:
     """The estimate of the module docstring. `scored`: a reward model's one-output head (no (K, V) buffers);
     `reference_params`: None without a reference pass, 0 when the policy is its own reference, else the
     separate reference model's parameters."""
@@ -170,8 +173,13 @@ def estimate_memory(shape: ModelShape, params: int, trainable: int, step: StepSh
     return MemoryEstimate(
         weights=4 * params, grads=4 * trainable, optimizer=8 * trainable, optimizer_step=4 * trainable,
         activations=math.ceil(activation_bytes_per_token(shape, half, checkpointing) * tokens),
-        mask=4 * (1 if checkpointing else shape.layers) * step.rows * step.width**2 if dense_mask else 0,
+        mask=4 * (1 if checkpointing else shape.layers) * mask_entries(step, dense_mask, pair_masks),
         autocast_copies=2 * params if half else 0, head=head, reference=reference, tokens=tokens, kept=kept)
+
+
+def mask_entries(step: StepShape, dense_mask: bool, pair_masks: bool) -> int:
+    """Entries of a step's attention mask: R·W² for the dense mask, Σ pair² for pair by pair, 0 for a BlockMask."""
+    return step.rows * step.width**2 if dense_mask else step.pair_squares if pair_masks else 0
 
 
 def decide_checkpointing(requested: bool | str, needed: int, available: int | None) -> bool:
@@ -237,7 +245,13 @@ def step_shape(records: list[dict[str, Any]], batch_size: int, collate) -> StepS
         return StepShape(0, 0, 0)
     batch = collate(largest, with_ref=False)
     rows, width = batch["input_ids"].shape  # (R, W)
-    return StepShape(rows, width, int(batch["logits_to_keep"].sum()))
+    squares = 0
+    if "owner" in batch:  # packed: tokens per pair
+        import torch
+
+        owner = batch["owner"]
+        squares = int((torch.bincount(owner[owner >= 0]) ** 2).sum())
+    return StepShape(rows, width, int(batch["logits_to_keep"].sum()), squares)
 
 
 def fmt_bytes(n: int | None) -> str:

@@ -12,10 +12,9 @@ it, and a mask function that builds nothing); `logprobs.model_inputs` passes eac
 `pair_blocks` keyword, which transformers hands to every attention call (gradient checkpointing's recomputation
 included). Each block is one `scaled_dot_product_attention` call: one Python loop over the step's pairs per layer.
 
-Measured (SmolLM2-135M, 8 HH pairs of ~170 tokens per step, fp32, 2-core AVX2 CPU; README, Performance): the dense
-path spent about a quarter of a profiled training step in SDPA over rows of ~700 tokens; a forward+backward of the
-same four batches, interleaved with the dense path, took 63.3 s against 73.7 s (-14%); in bench/dpo_vs_trl.py's
-4-step runs the two were within that machine's noise (43.4 s against 43.2 s).
+Measured (SmolLM2-135M, 8 HH pairs of ~170 tokens per step, fp32, 2-core AVX2 CPU): a forward+backward of the same
+four batches, interleaved with the dense path, 76.9 s against 87.5 s (-12%, bench/attention_ab.py); in
+bench/dpo_vs_trl.py's 4-step training runs the two were within that machine's noise (43.4 s against 43.2 s).
 """
 
 from __future__ import annotations
@@ -51,6 +50,13 @@ def pair_attention(module, query, key, value, attention_mask=None, scaling=None,
     if pair_blocks is None:
         raise ValueError(f"attention {IMPLEMENTATION!r} runs packed batches only (logprobs.model_inputs gives it "
                          "pair_blocks); load the model with attn_implementation='sdpa' for anything else")
+    for name in ("softcap", "s_aux"):  # logit soft-capping (Gemma2), attention sinks (gpt-oss): not plain SDPA
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attention {IMPLEMENTATION!r} has no {name}: use attention sdpa for this model")
+    window = kwargs.get("sliding_window")
+    longest = max((end - start for _, start, end, _ in pair_blocks), default=0)
+    if window is not None and window < longest:
+        raise ValueError(f"attention {IMPLEMENTATION!r} has no sliding window ({window} < a pair of {longest} tokens)")
     rows, heads, length, dim = query.shape
     if key.shape[1] != heads:  # grouped-query attention: each key/value head serves heads/H_kv query heads
         key = key.repeat_interleave(heads // key.shape[1], 1)

@@ -5,10 +5,10 @@ Key: (reference weights content hash, dtype) names the cache file beside the pre
 keyed by `id`, a hash of its token ids (layout-independent). Changing the weights or the dtype selects another
 file; changing the data or its tokenization changes the ids, so stale entries are never read, only missing ones
 computed. Files are replaced atomically (write + rename): a reader never sees a half-written cache.
-Neither the layout nor the attention backend (SDPA's dense mask or FlexAttention's BlockMask) is in the key: they
-compute the same log π_ref(y|x) in another order, equal within fp32 rounding (tested: tests/test_flex.py, 1e-5
-relative), as a different batch composition already does; keying them would only recompute the cache when a run
-moves between a CPU (SDPA) and a GPU (flex). The dtype is in the key: bf16 changes the values themselves.
+Neither the layout nor the attention backend (SDPA's dense mask, SDPA pair by pair or FlexAttention's BlockMask) is
+in the key: they compute the same log π_ref(y|x) in another order, equal within fp32 rounding (tested:
+tests/test_flex.py, tests/test_pair_attention.py, 1e-5 relative), as a different batch composition already does;
+keying them would only recompute the cache when a run moves between a CPU (pairs) and a GPU (flex). The dtype is in the key: bf16 changes the values themselves.
 """
 
 from __future__ import annotations

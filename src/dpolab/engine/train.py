@@ -418,7 +418,7 @@ def memory_estimates(cfg: TrainConfig, runtime: Runtime, records: list[dict], to
         reference = 0 if cfg.ref_model is None else count_parameters(cfg.ref_model)[0]
     step = memory.step_shape(records, cfg.batch_size, collator_for(cfg, tokenizer, attention))
     common = dict(shape=memory.model_shape(model_config), params=params, step=step, dense_mask=attention == "sdpa",
-                  trainable=trainable_parameters(cfg, model_config, params), half=runtime.precision != "fp32",
+                  pair_masks=attention == "pairs", trainable=trainable_parameters(cfg, model_config, params), half=runtime.precision != "fp32",
                   scored=cfg.method in SCORED, reference_params=reference)
     return memory.estimate_memory(**common), memory.estimate_memory(**common, checkpointing=True)
 
