@@ -301,10 +301,15 @@ def answer(text: str, tuned: tuple[RunInfo, Loaded], base: tuple[RunInfo, Loaded
                 with column:
                     if base:
                         st.markdown(f"**{label}**")
+                    notice, slot = st.empty(), st.container(key=f"live-{side}").empty()
+                    # Drawn before the request goes in, in the same instant as the bubble: submitting can take a
+                    # while (a long prompt, a busy server) and the bubble is never shown empty.
+                    slot.caption(waiting_text(None, time.monotonic()))
                     request = model.engine.submit(prompt, info.template, settings, stop)
                     if request.truncated:
-                        truncation_notice(model, settings)
-                    streams.append(Stream(request, st.container(key=f"live-{side}").empty(), []))
+                        with notice.container():
+                            truncation_notice(model, settings)
+                    streams.append(Stream(request, slot, []))
             stop_slot = st.empty()
             # A click reruns the page: Streamlit ends this run at its next redraw and `finally` stops the engine.
             stop_slot.button("Stop", icon=":material/stop_circle:", key="stop_answer",
