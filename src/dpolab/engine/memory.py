@@ -4,14 +4,14 @@ The estimate is the memory a run adds to its process (the process's own footprin
 libraries, tokenizer, prepared data — is already outside what the device reports as available):
 
     peak = max(training, reference pass)
-    training  = W + G + O + max(A·T + M + head, S)
+    training  = W + G + O + A·T + M + head
     reference = W + W_ref + head_ref
 
     W = 4·P                 fp32 weights of the policy, P parameters (the master weights stay fp32 under autocast)
     G = 4·P_t               fp32 gradients of the P_t trainable parameters (P_t = P, or LoRA's adapter parameters)
     O = 8·P_t               AdamW's exp_avg and exp_avg_sq, fp32
-    S = 4·P_t               the step's temporary: torch's foreach AdamW holds sqrt(exp_avg_sq) for every parameter
-                            at once (the step runs after backward has freed the activations, hence max(…, S))
+                            (the step is torch's fused AdamW: it updates each parameter in place, without the
+                            4·P_t temporary of the foreach kernels)
     A·T                     activations autograd keeps from forward to backward, A bytes per token × T tokens per
                             step (a half-precision copy of the weights, 2·P, on top under autocast: autocast's cache)
     M = 4·L·R·W²            the attention mask of a step of R rows W wide, which each of the L layers' sdpa turns
@@ -122,7 +122,6 @@ class MemoryEstimate:
     weights: int
     grads: int
     optimizer: int
-    optimizer_step: int
     activations: int
     mask: int
     autocast_copies: int
@@ -134,7 +133,7 @@ class MemoryEstimate:
     @property
     def training(self) -> int:
         live = self.activations + self.mask + self.autocast_copies + self.head
-        return self.weights + self.grads + self.optimizer + max(live, self.optimizer_step)
+        return self.weights + self.grads + self.optimizer + live
 
     @property
     def peak(self) -> int:
@@ -171,7 +170,7 @@ def estimate_memory(shape: ModelShape, params: int, trainable: int, step: StepSh
     if reference_params is not None:
         reference = 4 * params + 4 * reference_params + head_bytes(kept, shape.vocab, shape.hidden, False, keep_limit)
     return MemoryEstimate(
-        weights=4 * params, grads=4 * trainable, optimizer=8 * trainable, optimizer_step=4 * trainable,
+        weights=4 * params, grads=4 * trainable, optimizer=8 * trainable,
         activations=math.ceil(activation_bytes_per_token(shape, half, checkpointing) * tokens),
         mask=4 * (1 if checkpointing else shape.layers) * mask_entries(step, dense_mask, pair_masks),
         autocast_copies=2 * params if half else 0, head=head, reference=reference, tokens=tokens, kept=kept)
