@@ -58,8 +58,8 @@ def test_a_separate_reference_model_counts_in_the_reference_pass():
 def test_the_output_head_keeps_its_logits_only_up_to_the_limit():
     small = memory.head_bytes(kept=100, vocab=1000, hidden=8, grad=True, keep_limit=10**6)
     large = memory.head_bytes(kept=1000, vocab=1000, hidden=8, grad=True, keep_limit=10**6)
-    assert small == 4 * 100 * 1000 + 2 * 4 * 100 * 8 + 2 * 4 * 100 * 1000
-    assert large == 2 * 4 * 1000 * 8 + 2 * 4 * 1000 * 1000  # recomputed: no (K, V) kept
+    assert small == 4 * 100 * 1000 + 4 * 100 * 8 + 2 * 4 * 100 * 1000
+    assert large == 4 * 1000 * 8 + 2 * 4 * 1000 * 1000  # recomputed: no (K, V) kept
     assert memory.head_bytes(kept=100, vocab=1000, hidden=8, grad=False, keep_limit=10**6) == 2 * 4 * 100 * 1000
 
 

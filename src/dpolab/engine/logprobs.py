@@ -9,7 +9,8 @@ Even the kept (K, V) logits dominate a small model's step: autograd holds them, 
 gradient of the target gather and a softmax chunk — four K·V buffers (8 HH pairs: K ≈ 1,300, ~250 MB each). Where the
 output head is a plain linear layer (`fused_head`), the model's forward instead returns the kept *hidden states*
 (the head is swapped for a pass-through during the call) and `head_logps` computes the log-sum-exp chunk by chunk in
-an autograd function with its own backward. Up to KEEP_LOGITS_BYTES it keeps one fp32 (K, V) buffer for backward
+an autograd function with its own backward, the target logits' gradient folded into the softmax's (no (V, H)
+gradient of a gather). Up to KEEP_LOGITS_BYTES it keeps one fp32 (K, V) buffer for backward
 (no extra compute); beyond it, backward recomputes each chunk's logits, so nothing of size K·V outlives a chunk, at
 one extra K·H·V matmul (ORPO's prompt tokens roughly double K on HH). bench/head_logps.py measures the three paths.
 """
@@ -65,45 +66,58 @@ def _config(model):
     return inner.config
 
 
-class _ChunkedLogSumExp(torch.autograd.Function):
-    """lse_k = log Σ_v exp(h_k·W_v + b_v), (K,) in fp32, over `chunk` rows at a time. dL/dlogits = g_k·softmax_k,
-    so dL/dh = (g·p) W and dL/dW = (g·p)ᵀ h, chunk by chunk. With `keep` the fp32 logits are kept from forward
-    (one K·V buffer, turned into g·p in place in backward); without, backward recomputes each chunk's logits."""
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log p_n = h_{k_n}·W_{y_n} + b_{y_n} − lse_{k_n}, (N,) in fp32, with lse_k = log Σ_v exp(h_k·W_v + b_v) taken
+    over `chunk` rows at a time. Backward in one pass per chunk: dL/dlogits_k = Σ_{n: k_n = k} g_n (onehot(y_n) −
+    softmax_k) (G), then dL/dh = G W and dL/dW = Gᵀ h — the target gather's gradient folded into G rather than a
+    zero-filled (V, H) gradient of its own. With `keep` the fp32 logits are kept from forward (one K·V buffer, turned
+    into G in place in backward); without, backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, chunk: int, keep: bool):  # (K, H), (V, H), (V,) or None
+    def forward(ctx, hidden, weight, bias, pred_index, target_ids, chunk: int, keep: bool):  # (K, H), (V, H), (V,)
         w, b = _head_params(weight, bias, hidden.dtype)
-        kept = torch.empty(hidden.shape[0], w.shape[0], dtype=torch.float32, device=hidden.device) if keep else None
+        whole = keep and hidden.shape[0] <= chunk  # one chunk: its logits are the kept buffer, without a copy
+        kept = torch.empty(hidden.shape[0], w.shape[0], dtype=torch.float32, device=hidden.device) \
+            if keep and not whole else None
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (K,)
         for s in range(0, hidden.shape[0], chunk):
             logits = torch.nn.functional.linear(hidden[s : s + chunk], w, b).float()  # (c, V)
             lse[s : s + chunk] = logits.logsumexp(-1)
-            if kept is not None:
+            if whole:
+                kept = logits
+            elif kept is not None:
                 kept[s : s + chunk] = logits
-        ctx.save_for_backward(hidden, weight, bias, lse, kept)
+        target = (hidden[pred_index] * w[target_ids]).sum(-1).float()  # (N,) the target logits
+        if b is not None:
+            target = target + b[target_ids].float()
+        ctx.save_for_backward(hidden, weight, bias, lse, kept, pred_index, target_ids)
         ctx.chunk = chunk
-        return lse
+        return target - lse[pred_index]
 
     @staticmethod
-    def backward(ctx, grad_lse):  # (K,)
-        hidden, weight, bias, lse, kept = ctx.saved_tensors
+    def backward(ctx, grad_out):  # (N,)
+        hidden, weight, bias, lse, kept, pred_index, target_ids = ctx.saved_tensors
         w, b = _head_params(weight, bias, hidden.dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_out = grad_out.float()
+        grad_lse = torch.zeros_like(lse).index_add_(0, pred_index, grad_out)  # (K,) Σ_{n: k_n = k} g_n
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_w = None  # the first chunk's product, then accumulated in place: no (V, H) zero fill
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if b is not None and need_b else None
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s : s + ctx.chunk]
             logits = kept[s : s + ctx.chunk] if kept is not None else torch.nn.functional.linear(h, w, b).float()
-            g = logits.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(grad_lse[s : s + ctx.chunk, None].float())
+            g = logits.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-grad_lse[s : s + ctx.chunk, None])  # (c, V)
+            here = (pred_index >= s) & (pred_index < s + g.shape[0])
+            g.index_put_((pred_index[here] - s, target_ids[here]), grad_out[here], accumulate=True)
             if grad_h is not None:
                 grad_h[s : s + ctx.chunk] = g.to(w.dtype) @ w
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h.float())
+            if need_w:
+                grad_w = g.t() @ h.float() if grad_w is None else grad_w.addmm_(g.t(), h.float())
             if grad_b is not None:
                 grad_b += g.sum(0)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
 def _head_params(weight, bias, dtype):
@@ -113,11 +127,7 @@ def _head_params(weight, bias, dtype):
 def head_logps(hidden, weight, bias, pred_index, target_ids, chunk: int = 1024, keep: bool = False) -> torch.Tensor:
     """log p(y_t | x, y_<t) of every response token, (N,) in fp32, from the kept hidden states (K, H) and the output
     head (W (V, H), b): the same values as `token_logps` on their logits, without ever holding (K, V)."""
-    h = hidden[pred_index]  # (N, H)
-    target = (h * weight[target_ids].to(h.dtype)).sum(-1).float()  # (N,) the target logits
-    if bias is not None:
-        target = target + bias[target_ids].float()
-    return target - _ChunkedLogSumExp.apply(hidden, weight, bias, chunk, keep)[pred_index]  # (N,)
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, pred_index, target_ids, chunk, keep)  # (N,)
 
 
 class _PassThrough(torch.nn.Module):

@@ -21,7 +21,7 @@ libraries, tokenizer, prepared data — is already outside what the device repor
     head                    the output head (`logprobs.head_logps`): the fp32 (K, V) logits it keeps up to
                             KEEP_LOGITS_BYTES, two (min(K, chunk), V) fp32 buffers alive while a chunk's
                             log-sum-exp is taken (its logits and logsumexp's exp), and the (K, H) hidden states
-                            and target rows the target logits keep; K kept positions, V vocabulary
+                            it keeps; K kept positions, V vocabulary
     W_ref                   a separate reference model's fp32 weights (none when the policy is its own reference);
                             the reference pass runs under no_grad, so it keeps no activations, only head buffers
 
@@ -109,9 +109,9 @@ def activation_bytes_per_token(shape: ModelShape, half: bool, checkpointing: boo
 
 
 def head_bytes(kept: int, vocab: int, hidden: int, grad: bool, keep_limit: int) -> int:
-    """The output head's buffers: with grad, the kept (K, V) fp32 logits (up to keep_limit) and the gathered (K, H)
-    hidden states and target rows; always two (chunk, V) buffers while a chunk's log-sum-exp is taken."""
-    saved = (4 * kept * vocab if 4 * kept * vocab <= keep_limit else 0) + 2 * 4 * kept * hidden if grad else 0
+    """The output head's buffers: with grad, the kept (K, V) fp32 logits (up to keep_limit) and the (K, H) hidden
+    states; always two (chunk, V) buffers while a chunk's log-sum-exp is taken."""
+    saved = (4 * kept * vocab if 4 * kept * vocab <= keep_limit else 0) + 4 * kept * hidden if grad else 0
     return saved + 2 * 4 * min(kept, HEAD_CHUNK) * vocab
 
 
