@@ -12,6 +12,8 @@ Configurations (each in its own subprocess, so peak RSS is its own; bench/trainb
                  precision auto), the reference cache cold: computed before training, outside the timed section as
                  TRL's precompute is
   dpolab-warm    the same with the reference cache warm (no reference forward at all)
+  dpolab-ckpt    dpolab forcing gradient checkpointing on (what `auto` picks when the step does not fit): the
+                 memory/speed trade-off
   dpolab-sdpa    dpolab forcing attention sdpa: balanced rows and one SDPA per row with the dense mask, the fallback
                  of `auto`'s choice (pairs on CPU: SDPA pair by pair in one unpadded row; flex on CUDA, bench/gpu.sh)
 Same model (SmolLM2-135M, first --layers layers), the same HH pairs in the same seeded order, same max_length, beta,
@@ -34,7 +36,7 @@ import trainbench as tb  # noqa: E402
 from common import HH_DATA, write_result  # noqa: E402
 
 CONFIGS = ["trl-default", "trl-best-ckpt-off", "trl-best-ckpt-on", "dpolab-padded", "dpolab-sdpa", "dpolab",
-           "dpolab-warm"]
+           "dpolab-warm", "dpolab-ckpt"]
 TRL_BEST = ("trl-best-ckpt-off", "trl-best-ckpt-on")
 BATCH, BETA, LR, MAX_LENGTH, SEED = 8, 0.1, 5e-6, 512, 42
 TARGETS = {"speedup_vs_trl_best": 4.5, "max_loss_diff": 1e-4, "mfu": 0.55, "rss_vs_trl_best": 0.35,
@@ -91,7 +93,8 @@ def spec(work: Path, name: str, args, bf16: bool) -> dict:
                 "gradient_checkpointing": name.endswith("-on")}
     return {**base, "kind": "dpolab", "cold": name != "dpolab-warm",
             "layout": "padded" if name == "dpolab-padded" else None,
-            "attention": "sdpa" if name == "dpolab-sdpa" else None}
+            "attention": "sdpa" if name == "dpolab-sdpa" else None,
+            "gradient_checkpointing": True if name == "dpolab-ckpt" else None}
 
 
 def measure(work: Path, args) -> tuple[dict, dict]:

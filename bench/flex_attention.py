@@ -1,21 +1,25 @@
-"""The packed layout's two attention backends side by side: SDPA with the dense (R, 1, L, L) mask vs FlexAttention
-with a BlockMask built from the segments (engine/flex.py). The real embedded SmolLM2-135M (30 layers), fp32,
+"""The packed layout's attention backends side by side: SDPA with the dense (R, 1, L, L) mask, FlexAttention with a
+BlockMask built from the segments (engine/flex.py), and SDPA pair by pair (engine/pair_attention.py, `auto` on CPU). The real embedded SmolLM2-135M (30 layers), fp32,
 gradient checkpointing on (dpolab's default), on HH pairs (qa template, max_length 512, the trainer's seeded order).
 
 For each token budget N (1k, 4k, 16k) one step's pairs are the next ones of the order while they total <= N, laid
-out with token_budget N: one row of L <= N tokens for both backends (a long row is where the mask's cost shows).
+out with token_budget N: one row of L <= N tokens for every backend (a long row is where the mask's cost shows).
   mask      bytes and build time of the mask each backend gives the model (SDPA: the dense bool mask; flex: the
-            block tables plus the mask_mod's lookup tables)
+            block tables plus the mask_mod's lookup tables; pairs: each pair's own bool mask)
   step      one forward+backward through dpolab's path (batch_logps, the fused head), best of --repeats after a
             warm-up; skipped where its dense attention alone would run past --max-step-s (estimated from its FLOPs
             and the matmul peak measured here); where the backend has no backward on this device, its error
   forward   the same under no_grad (what the reference pass runs); flex's first call includes torch.compile
-Usage: python bench/flex_attention.py [--budgets 1024 4096 16384] [--repeats 1] [--max-step-s 120]
+Usage: python bench/flex_attention.py [--budgets 1024 4096 16384] [--attentions sdpa flex pairs] [--repeats 1]
+       [--max-step-s 120] [--keep] [--note TEXT]
+  --keep    keep the rows of bench/results/flex_attention.json this run does not measure (a run killed part-way, e.g.
+            by the kernel's OOM killer, can be completed without redoing the rest); --note records what happened
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -53,9 +57,12 @@ def mask_cost(batch: dict, attention: str) -> dict:
     """Bytes and build time of what the model's attention receives as its mask."""
     from dpolab.engine.flex import packed_block_mask
     from dpolab.engine.layout import packed_mask
+    from dpolab.engine.pair_attention import pair_blocks
 
     started = time.perf_counter()
-    if attention == "sdpa":
+    if attention == "pairs":
+        nbytes = sum(mask.numel() * mask.element_size() for *_, mask in pair_blocks(batch["owner"], batch["kind"]))
+    elif attention == "sdpa":
         mask = packed_mask(batch["owner"], batch["kind"])
         nbytes = mask.numel() * mask.element_size()
     else:
@@ -117,6 +124,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--max-step-s", type=float, default=120.0)
+    parser.add_argument("--attentions", nargs="+", default=["sdpa", "flex", "pairs"], choices=["sdpa", "flex", "pairs"])
+    parser.add_argument("--keep", action="store_true", help="keep the earlier result file's other rows")
+    parser.add_argument("--note", help="a note stored with the result")
     args = parser.parse_args()
 
     import torch
@@ -139,14 +149,17 @@ def main() -> None:
     model.train()
     config = model.config
     peak = matmul_peak()
-    rows = {}
+    rows = earlier_rows() if args.keep else {}
     for budget in args.budgets:
         pairs = step_pairs(records, order, budget)
-        for attention in ("sdpa", "flex"):
+        for attention in args.attentions:
             batch = packed_batch(pairs, tokenizer.pad_token_id, budget, attention=attention)
             width = batch["input_ids"].shape[1]
             # QKᵀ and PV over every (query, key) of the row, all heads and layers: what a dense mask makes the kernel do
-            flops = 4 * width * width * config.num_attention_heads * config.head_dim * config.num_hidden_layers
+            # (pairs: over each pair's own span only)
+            squares = sum((len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])) ** 2 for p in pairs) \
+                if attention == "pairs" else width * width
+            flops = 4 * squares * config.num_attention_heads * config.head_dim * config.num_hidden_layers
             row = {"pairs": len(pairs), "rows": batch["input_ids"].shape[0], "width": width,
                    "real_tokens": batch["real_tokens"], "computed_tokens": batch["computed_tokens"]}
             row.update(measure(model, batch, attention, args.repeats, flops, peak, args.max_step_s))
@@ -156,6 +169,16 @@ def main() -> None:
     print(f"-> {path}")
 
 
+def earlier_rows() -> dict:
+    from common import RESULTS
+
+    path = RESULTS / "flex_attention.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    return {name: {**row, "run": earlier.get("date")} for name, row in earlier.get("rows", {}).items()}
+
+
 def settings(args, peak: float, load_start) -> dict:
     with open("/proc/cpuinfo") as info:
         cpu_flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
@@ -163,7 +186,7 @@ def settings(args, peak: float, load_start) -> dict:
             "data": "HH harmless-base test 2000, qa, max_length 512, seeded order 42", "repeats": args.repeats,
             "max_step_s": args.max_step_s, "fp32_matmul_peak_gflops": round(peak / 1e9, 1),
             "cpu_flags": sorted(f for f in cpu_flags if f.startswith(("avx", "amx", "fma"))),
-            "load_average_start": load_start, "load_average_now": os.getloadavg()}
+            "load_average_start": load_start, "load_average_now": os.getloadavg(), "note": args.note}
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ it, and a mask function that builds nothing); `logprobs.model_inputs` passes eac
 included). Each block is one `scaled_dot_product_attention` call: one Python loop over the step's pairs per layer.
 
 Measured (SmolLM2-135M, 8 HH pairs of ~170 tokens per step, fp32, 2-core AVX2 CPU): a forward+backward of the same
-four batches, interleaved with the dense path, 76.9 s against 87.5 s (-12%, bench/attention_ab.py); in
-bench/dpo_vs_trl.py's 4-step training runs the two were within that machine's noise (43.4 s against 43.2 s).
+four batches, interleaved with the dense path, 74.7 s against 89.3 s (-16%, bench/attention_ab.py). At long rows
+(bench/flex_attention.py, checkpointing on): 3,644 tokens (15 pairs) a step of 33.9 s against the dense path's 69.4 s,
+a 1.1 MB mask against 13.3 MB; 16,267 tokens (79 pairs) 178 s with a 4.9 MB mask, where the dense mask is 265 MB.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def pair_attention(module, query, key, value, attention_mask=None, scaling=None,
     rows, heads, length, dim = query.shape
     # split, not indexing: split's backward concatenates the spans' gradients, where each indexed span's backward
     # would add into a zeroed copy of the whole tensor (pairs × layers full-size fills); enable_gqa, not repeated
-    # key/value heads: no copies. Together -30% of this function's forward+backward time (bench/attention_ab.py).
+    # key/value heads: no copies (together about a third off this function's forward+backward on 8 HH pairs).
     out = []
     for (sizes, masks), q, k, v in zip(_spans(pair_blocks, rows, length), *(t.split(1) for t in (query, key, value))):
         out.append(torch.cat([
