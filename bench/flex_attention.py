@@ -26,26 +26,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import trainbench as tb  # noqa: E402
 from common import HH_DATA, write_result  # noqa: E402
 
 MAX_LENGTH, SEED = 512, 42
 
 
-def matmul_peak(n: int = 2048, repeats: int = 8) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - started)
+def pair_tokens(record: dict) -> int:
+    return sum(len(record[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
 
 
 def step_pairs(records: list[dict], order: list[int], budget: int) -> list[dict]:
     pairs, total = [], 0
     for index in order:
-        length = sum(len(records[index][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        length = pair_tokens(records[index])
         if total + length > budget:
             break
         pairs.append(records[index])
@@ -148,7 +142,7 @@ def main() -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     config = model.config
-    peak = matmul_peak()
+    peak = tb.matmul_peak("float32")
     rows = earlier_rows() if args.keep else {}
     for budget in args.budgets:
         pairs = step_pairs(records, order, budget)
@@ -157,8 +151,7 @@ def main() -> None:
             width = batch["input_ids"].shape[1]
             # QKᵀ and PV over every (query, key) of the row, all heads and layers: what a dense mask makes the kernel do
             # (pairs: over each pair's own span only)
-            squares = sum((len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])) ** 2 for p in pairs) \
-                if attention == "pairs" else width * width
+            squares = sum(pair_tokens(p) ** 2 for p in pairs) if attention == "pairs" else width * width
             flops = 4 * squares * config.num_attention_heads * config.head_dim * config.num_hidden_layers
             row = {"pairs": len(pairs), "rows": batch["input_ids"].shape[0], "width": width,
                    "real_tokens": batch["real_tokens"], "computed_tokens": batch["computed_tokens"]}
@@ -180,12 +173,10 @@ def earlier_rows() -> dict:
 
 
 def settings(args, peak: float, load_start) -> dict:
-    with open("/proc/cpuinfo") as info:
-        cpu_flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     return {"model": "SmolLM2-135M (embedded, 30 layers)", "precision": "fp32", "gradient_checkpointing": True,
             "data": "HH harmless-base test 2000, qa, max_length 512, seeded order 42", "repeats": args.repeats,
             "max_step_s": args.max_step_s, "fp32_matmul_peak_gflops": round(peak / 1e9, 1),
-            "cpu_flags": sorted(f for f in cpu_flags if f.startswith(("avx", "amx", "fma"))),
+            "cpu_flags": tb.cpu_flags(),
             "load_average_start": load_start, "load_average_now": os.getloadavg(), "note": args.note}
 
 
