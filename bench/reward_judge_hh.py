@@ -9,7 +9,7 @@ DPO-tuned model over the base model: the figures of the README's "Reward models 
      ranking accuracy on the same pairs (`reference_ranking_accuracy`) — and base-vs-tuned answers to --prompts
      held-out prompts, judged: raw win rate (Wilson), length-controlled win rate, mean length change
 Every step is the library function the CLI command runs. Usage:
-  python bench/reward_judge_hh.py [--rows 600] [--epochs 1] [--dpo-epochs 0.3] [--reward-lr 2e-5] [--prompts 40]
+  python bench/reward_judge_hh.py [--rows 2000] [--epochs 1] [--dpo-epochs 0.15] [--reward-lr 2e-5] [--prompts 40]
                                  [--max-length 384]
 """
 
@@ -47,14 +47,15 @@ def _rate(metrics: dict, name: str, n_key: str = "pairs") -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=600, help="HH rows read (the first ones of the shared file)")
+    parser.add_argument("--rows", type=int, default=2000, help="HH rows read (the first ones of the shared file; 2000: all)")
     parser.add_argument("--test-size", type=float, default=0.2)
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--epochs", type=float, default=1)
-    parser.add_argument("--dpo-epochs", type=float, default=None,
-                        help="epochs of the DPO run (default --epochs); a fraction trains on the first pairs of its "
+    parser.add_argument("--dpo-epochs", type=float, default=0.15,
+                        help="epochs of the DPO run (0: --epochs); a fraction trains on the first pairs of its "
                              "seeded order and computes reference log-probs only for those")
-    parser.add_argument("--reward-lr", type=float, default=1e-4, help="TRL RewardConfig's default")
+    parser.add_argument("--reward-lr", type=float, default=2e-5,
+                        help="full fine-tuning rate (TRL RewardConfig's 1e-4 left the reward model at chance here)")
     parser.add_argument("--prompts", type=int, default=40, help="held-out prompts answered by base and tuned, judged")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
@@ -69,10 +70,11 @@ def main() -> None:
     report = prepare_data(DataConfig(dataset=str(HH_DATA), template="raw", max_length=args.max_length,
                                      test_size=args.test_size, limit=args.rows), work / "data")
     timings["reward_train_s"], reward_train = _train(work, "reward", "reward", args)
-    timings["dpo_train_s"], dpo_train = _train(work, "dpo", "dpo", args)
     t = time.perf_counter()
     reward_eval = run_eval(EvalOptions(target=str(work / "reward")))
     timings["reward_eval_s"] = time.perf_counter() - t
+    print("reward model held-out accuracy:", _rate(reward_eval["metrics"]["policy"], "accuracy"), flush=True)
+    timings["dpo_train_s"], dpo_train = _train(work, "dpo", "dpo", args)
     t = time.perf_counter()
     dpo_eval = run_eval(EvalOptions(target=str(work / "dpo"), judge=str(work / "reward"), n_prompts=args.prompts,
                                     max_new_tokens=args.max_new_tokens))
