@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import HH_DATA, write_result  # noqa: E402
 from dpo_vs_trl import BATCH, BETA, LR, MAX_LENGTH, SEED, setup  # noqa: E402
 
 METHODS = ["dpo", "simpo", "cpo", "orpo", "kto"]
@@ -129,9 +129,12 @@ def main() -> None:
     if args.child:
         child(Path(args.child[0]), args.child[1], args.steps)
         return
+    from dpolab.data.prepare import load_prepared
+
     work = Path(tempfile.mkdtemp(prefix="dpolab-methods-"))
-    facts = setup(work, args.layers, args.pairs)
+    setup(work, argparse.Namespace(layers=args.layers, pairs=args.pairs, model=None, random_weights=False, data=HH_DATA))
     _prepare_unpaired(work)
+    facts = {"pairs": len(load_prepared(work / "data").split("train"))}
     print(f"work dir {work}; SmolLM2-135M first {args.layers} layers; {facts['pairs']} HH pairs", flush=True)
     rows = {}
     for method in args.only:
