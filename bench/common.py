@@ -12,6 +12,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 HH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.2000.jsonl.gz"
 
 
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide the fast paths (AVX2 only, AVX512, native bf16), sorted; [] where unknown."""
+    try:
+        flags = next(l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+
+
 def machine() -> dict:
     import torch
     import transformers
@@ -22,11 +31,8 @@ def machine() -> dict:
         info["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    try:  # what decides the fast paths (AVX2 only, AVX512, native bf16)
-        flags = next(l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags"))
-        info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
-    except (OSError, StopIteration):
-        pass
+    if cpu_flags():
+        info["cpu_flags"] = cpu_flags()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import cpu_flags, write_result  # noqa: E402
 from dpo_vs_trl import MAX_LENGTH, setup  # noqa: E402
 
 
@@ -88,10 +88,9 @@ def main() -> None:
             "fused_time_ratio": b["step_s"] / a["step_s"], "max_rel_logp_diff": rel}
     for row in rows.values():
         row.pop("logps")
-    cpu_flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     settings = {"model": f"SmolLM2-135M, first {args.layers} of 30 layers", "pairs": args.pairs, "precision": "fp32",
                 "gradient_checkpointing": True, "layout": "packed", "repeats": args.repeats,
-                "cpu_flags": sorted(f for f in cpu_flags if f.startswith(("avx", "amx", "fma")))}
+                "cpu_flags": cpu_flags()}
     path = write_result("head_logps", {"settings": settings, "table": table, "raw": rows})
     for name, row in table.items():
         print(name, json.dumps(row))

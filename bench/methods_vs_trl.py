@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HH_DATA, write_result  # noqa: E402
+from common import HH_DATA, cpu_flags, write_result  # noqa: E402
 from dpo_vs_trl import BATCH, BETA, LR, MAX_LENGTH, SEED, setup  # noqa: E402
 
 METHODS = ["dpo", "simpo", "cpo", "orpo", "kto"]
@@ -153,11 +153,10 @@ def main() -> None:
                          "speedup": ours["per_s"] / theirs["per_s"], "dpolab_rss_mb": ours["peak_rss_mb"],
                          "trl_rss_mb": theirs["peak_rss_mb"], "rss_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
                          "dpolab_first_loss": ours["losses"][0], "trl_first_loss": theirs["losses"][0]}
-    cpu_flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     settings = {"model": f"SmolLM2-135M, first {args.layers} of 30 layers", "pairs": facts["pairs"], "batch": BATCH,
                 "steps": args.steps, "max_length": MAX_LENGTH, "beta": BETA, "learning_rate": LR, "precision": "fp32",
                 "gradient_checkpointing": True, "unit": "pairs/s (kto: unpaired examples/s)",
-                "cpu_flags": sorted(f for f in cpu_flags if f.startswith(("avx", "amx", "fma")))}
+                "cpu_flags": cpu_flags()}
     path = write_result("methods_vs_trl", {"settings": settings, "table": table, "raw": rows})
     print(f"{'method':<8}{'dpolab/s':>10}{'TRL/s':>8}{'x TRL':>7}{'RSS MB':>8}{'TRL MB':>8}{'RSS x':>7}")
     for method, row in table.items():

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HH_DATA, write_result  # noqa: E402
+from common import HH_DATA, cpu_flags, write_result  # noqa: E402
 
 
 def _train(work: Path, name: str, method: str, args) -> tuple[float, dict]:
@@ -91,10 +91,9 @@ def main() -> None:
                               "ci_high": judge["lc_ci_high"], "n": judge["prompts"]},
         "mean_length_change_tokens": judge["mean_length_change"],
     }
-    cpu_flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     settings = {**vars(args), "data": str(HH_DATA.name), "pairs": {k: report.get(k) for k in ("rows_in", "rows_kept", "train", "test")}, "template": "raw",
                 "reward": "lr %g, batch 8" % args.reward_lr, "dpo": "sigmoid, beta 0.1, lr 5e-6, batch 8, %g epochs" % (args.dpo_epochs or args.epochs),
-                "cpu_flags": sorted(f for f in cpu_flags if f.startswith(("avx", "amx", "fma"))),
+                "cpu_flags": cpu_flags(),
                 "load_before": load_before, "load_after": os.getloadavg()[0]}
     path = write_result("reward_judge_hh", {"settings": settings, "table": table, "timings_s": timings,
                                             "train_metrics": {"reward": reward_train, "dpo": dpo_train}})

@@ -28,15 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import cpu_flags  # noqa: F401 (the benches read it as tb.cpu_flags)
+
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_flags() -> list[str]:
-    try:
-        flags = next(l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
 
 
 def native_bf16() -> bool:
