@@ -31,8 +31,8 @@ def machine() -> dict:
         info["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    if cpu_flags():
-        info["cpu_flags"] = cpu_flags()
+    if flags := cpu_flags():
+        info["cpu_flags"] = flags
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:

@@ -134,8 +134,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dpolab-methods-"))
     setup(work, argparse.Namespace(layers=args.layers, pairs=args.pairs, model=None, random_weights=False, data=HH_DATA))
     _prepare_unpaired(work)
-    facts = {"pairs": len(load_prepared(work / "data").split("train"))}
-    print(f"work dir {work}; SmolLM2-135M first {args.layers} layers; {facts['pairs']} HH pairs", flush=True)
+    pairs = len(load_prepared(work / "data").split("train"))
+    print(f"work dir {work}; SmolLM2-135M first {args.layers} layers; {pairs} HH pairs", flush=True)
     rows = {}
     for method in args.only:
         for tool in ("trl", "dpolab"):
@@ -153,7 +153,7 @@ def main() -> None:
                          "speedup": ours["per_s"] / theirs["per_s"], "dpolab_rss_mb": ours["peak_rss_mb"],
                          "trl_rss_mb": theirs["peak_rss_mb"], "rss_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
                          "dpolab_first_loss": ours["losses"][0], "trl_first_loss": theirs["losses"][0]}
-    settings = {"model": f"SmolLM2-135M, first {args.layers} of 30 layers", "pairs": facts["pairs"], "batch": BATCH,
+    settings = {"model": f"SmolLM2-135M, first {args.layers} of 30 layers", "pairs": pairs, "batch": BATCH,
                 "steps": args.steps, "max_length": MAX_LENGTH, "beta": BETA, "learning_rate": LR, "precision": "fp32",
                 "gradient_checkpointing": True, "unit": "pairs/s (kto: unpaired examples/s)",
                 "cpu_flags": cpu_flags()}

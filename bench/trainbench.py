@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import cpu_flags  # noqa: F401 (the benches read it as tb.cpu_flags)
+from common import cpu_flags  # the benches also read it as tb.cpu_flags
 
 TICK = os.sysconf("SC_CLK_TCK")
 
