@@ -104,6 +104,13 @@ def child(work: Path, name: str, steps: int) -> None:
     (work / f"{name}.json").write_text(json.dumps(result))
 
 
+def workspace(prefix: str, layers: int, pairs: int) -> Path:
+    """A new temporary folder holding SmolLM2-135M cut to `layers` layers and `pairs` prepared HH pairs."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    setup(work, argparse.Namespace(layers=layers, pairs=pairs, model=None, random_weights=False, data=HH_DATA))
+    return work
+
+
 def _prepare_unpaired(work: Path) -> None:
     from dpolab.config import DataConfig
     from dpolab.data.prepare import prepare_data
@@ -131,8 +138,7 @@ def main() -> None:
         return
     from dpolab.data.prepare import load_prepared
 
-    work = Path(tempfile.mkdtemp(prefix="dpolab-methods-"))
-    setup(work, argparse.Namespace(layers=args.layers, pairs=args.pairs, model=None, random_weights=False, data=HH_DATA))
+    work = workspace("dpolab-methods-", args.layers, args.pairs)
     _prepare_unpaired(work)
     pairs = len(load_prepared(work / "data").split("train"))
     print(f"work dir {work}; SmolLM2-135M first {args.layers} layers; {pairs} HH pairs", flush=True)

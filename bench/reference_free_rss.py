@@ -20,13 +20,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HH_DATA, cpu_flags, write_result  # noqa: E402
-from dpo_vs_trl import BATCH, BETA, LR, MAX_LENGTH, setup  # noqa: E402
-from methods_vs_trl import run_dpolab  # noqa: E402
+from common import cpu_flags, write_result  # noqa: E402
+from dpo_vs_trl import BATCH, BETA, LR, MAX_LENGTH  # noqa: E402
+from methods_vs_trl import run_dpolab, workspace  # noqa: E402
 
 CONFIGS = ["dpo-cold", "dpo-warm", "simpo", "cpo", "orpo"]
 
@@ -65,8 +64,7 @@ def main() -> None:
         return
     from dpolab.folders.prepared import PreparedFolder
 
-    work = Path(tempfile.mkdtemp(prefix="dpolab-rss-"))
-    setup(work, argparse.Namespace(layers=args.layers, pairs=args.pairs, model=None, random_weights=False, data=HH_DATA))
+    work = workspace("dpolab-rss-", args.layers, args.pairs)
     print(f"work dir {work}; SmolLM2-135M first {args.layers} layers; {args.pairs} HH pairs", flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     for repeat in range(args.repeats):

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from dpolab.generation import GenerationSettings, build_prompt, generate_text
+from tests.conftest import missing
 
 CHROMIUM = Path("/usr/bin/chromium")
 # As root Chromium needs --no-sandbox; without the background-networking flags it opens connections (updates,
@@ -94,9 +95,7 @@ def require_browser():
         except ImportError:
             problem = "the playwright package is missing (pip install -e '.[test]')"
     if problem:
-        if os.environ.get("CI"):
-            pytest.fail(problem)
-        pytest.skip(problem)
+        missing(problem)
 
 
 @pytest.fixture(scope="module")

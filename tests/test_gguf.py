@@ -27,7 +27,7 @@ from dpolab.publish import PublishError, export_model, push_model
 from dpolab.publish.gguf import pre_tokenizer, write_gguf
 from dpolab.publish.modelfile import QA_GO, RAW_GO, go_template, jinja_template
 from dpolab.publish.portable import portable_pickle
-from tests.conftest import write_jsonl
+from tests.conftest import missing, write_jsonl
 
 GGUF_EXPORT_FILES = {"tiny-lora-f16.gguf", "tiny-lora-q8_0.gguf", "Modelfile", "README.md", "config.json",
                      "model.safetensors", "dpolab.json", "training_args.json", "training_args.bin"}
@@ -348,9 +348,10 @@ func main() {
 """
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (apt-get install golang-go)")
 def test_ollama_go_templates_render_the_training_prompt(tokenizer, hh_path, tmp_path):
     """The Modelfile's TEMPLATE, executed by Go's text/template (the engine Ollama uses), on 100 HH conversations."""
+    if shutil.which("go") is None:
+        missing("needs a Go toolchain (as root: apt-get install golang-go)")
     (tmp_path / "main.go").write_text(GO_RENDER)
     subprocess.run(["go", "mod", "init", "render"], cwd=tmp_path, check=True, capture_output=True)
     subprocess.run(["go", "build", "-o", "render", "."], cwd=tmp_path, check=True, capture_output=True, timeout=300)

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from dpolab.sweep import SweepConfig, open_study
+from tests.conftest import missing
 from tests.test_sweep import _sweep, pairs_file  # noqa: F401  (pairs_file: a fixture used here)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,12 +35,6 @@ PG_USER = "dpolab-pg"  # the server refuses to run as root
 ROLE, CANARY = "sweeper", "canary-6b1f0e9d-pw"
 # Short heartbeats: a dead worker's trial is retried within seconds (about two grace periods, see sweep.rdb).
 HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 3, "reconnect_timeout": 120}
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{reason} (CI installs it: make setup)")
-    pytest.skip(reason)
 
 
 def _free_port() -> int:
@@ -120,10 +115,10 @@ def postgres():
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        _unavailable("psycopg is not installed (pip install -e '.[test]')")
+        missing("psycopg is not installed (pip install -e '.[test]')")
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3].split(".")[0]))
     if not found:
-        _unavailable("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+        missing("PostgreSQL is not installed (Debian: apt-get install postgresql)")
     server = Postgres(found[-1].parent)
     try:
         server.start()
