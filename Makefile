@@ -30,7 +30,7 @@ $(TEST_STAMP): $(STAMP)
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || true
 	# Debian's Go, for the Ollama template test (tests/test_gguf.py runs the Modelfile's TEMPLATE through Go's
-	# text/template, the engine Ollama uses). Same rule; elsewhere that test skips.
+	# text/template, the engine Ollama uses). Same rule; elsewhere that test skips (fails under CI).
 	command -v go >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; } || true
 	touch $(TEST_STAMP)
