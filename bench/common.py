@@ -21,6 +21,11 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
 
 
+def proc_status(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, …) in bytes (Linux)."""
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
 def machine() -> dict:
     import torch
     import transformers

@@ -24,14 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trainbench as tb  # noqa: E402
-from common import write_result  # noqa: E402
+from common import proc_status, write_result  # noqa: E402
 
 KINDS = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536), (576,), (576,)]
-
-
-def status(field: str) -> int:
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
 
 
 def child(kind: str, steps: int) -> dict:
@@ -43,14 +39,14 @@ def child(kind: str, steps: int) -> dict:
         p.grad = torch.randn_like(p) * 1e-3
     optimizer = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.0, **KINDS[kind])
     optimizer.step()  # creates exp_avg / exp_avg_sq
-    before = status("VmRSS")
+    before = proc_status("VmRSS")
     times = []
     for _ in range(steps):
         started = time.perf_counter()
         optimizer.step()
         times.append(time.perf_counter() - started)
     return {"params": sum(p.numel() for p in params), "step_s": [round(t, 4) for t in times],
-            "best_s": round(min(times), 4), "step_peak_mb": round((status("VmHWM") - before) / 2**20, 1),
+            "best_s": round(min(times), 4), "step_peak_mb": round((proc_status("VmHWM") - before) / 2**20, 1),
             "checksum": [round(float(p.double().sum()), 9) for p in params[:3]]}
 
 

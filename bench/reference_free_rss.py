@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_flags, write_result  # noqa: E402
+from common import cpu_flags, proc_status, write_result  # noqa: E402
 from dpo_vs_trl import BATCH, BETA, LR, MAX_LENGTH  # noqa: E402
 from methods_vs_trl import run_dpolab, workspace  # noqa: E402
 
@@ -31,8 +31,7 @@ CONFIGS = ["dpo-cold", "dpo-warm", "simpo", "cpo", "orpo"]
 
 
 def _hwm_mb() -> float:
-    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
-    return int(line.split()[1]) / 1024
+    return proc_status("VmHWM") / 2**20
 
 
 def child(work: Path, name: str, steps: int) -> None:
